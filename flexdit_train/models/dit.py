@@ -342,8 +342,19 @@ class DiT(nn.Module):
                 x = block(x, c)  # (N, T, D)
         return x
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x: (N, C, H, W) latents, t: (N,) timesteps, y: (N,) labels -> (N, C_out, H, W)."""
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, patch_size: int | None = None
+    ) -> torch.Tensor:
+        """x: (N, C, H, W) latents, t: (N,) timesteps, y: (N,) labels -> (N, C_out, H, W).
+
+        ``patch_size`` exists so static and flexible models share one call signature; a static DiT
+        accepts only its own patch size.
+        """
+        if patch_size not in (None, self.patch_size):
+            raise ValueError(
+                f"this static DiT runs only at patch size {self.patch_size}, not {patch_size}; "
+                "flexify it (flexdit_train.models.flexify) to use other patch sizes"
+            )
         grid = self.grid_size(x.shape[-2:])
         x = self.x_embedder(x) + self.position_embedding(grid)  # (N, T, D)
         c = self.embed_condition(t, y)  # (N, D)
