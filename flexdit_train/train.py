@@ -1,0 +1,61 @@
+"""Training entry point: ``python -m flexdit_train [+experiment=NAME] [overrides]``.
+
+Hydra composes ``conf/train.yaml``; every object (data, model, objective, trainer, callbacks, loggers)
+is built from its ``_target_``. This file only wires them together and reports where the run went.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+def instantiate_group(group: DictConfig | None) -> list:
+    """Build every non-null ``_target_`` entry of a named dict group (callbacks, loggers)."""
+    if not group:
+        return []
+    return [instantiate(node) for node in group.values() if node is not None and "_target_" in node]
+
+
+def build_module(cfg: DictConfig) -> L.LightningModule:
+    """The network (optionally flexified) inside its objective's LightningModule."""
+    model = instantiate(cfg.model)
+    run_config = OmegaConf.to_container(cfg, resolve=True)
+    return instantiate(cfg.objective, model=model, run_config=run_config)
+
+
+def run(cfg: DictConfig) -> dict:
+    """Train as configured; returns the final logged metrics (for sweepers) and the run directory."""
+    L.seed_everything(cfg.seed, workers=True)
+    run_dir = Path(cfg.paths.output_dir)
+    datamodule = instantiate(cfg.data)
+    module = build_module(cfg)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=instantiate_group(cfg.get("logger"))
+    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    final_ckpt = run_dir / "checkpoints" / "final.ckpt"
+    trainer.save_checkpoint(final_ckpt)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if trainer.is_global_zero:
+        print(f"final checkpoint: {final_ckpt}")
+        print(f"run directory: {run_dir}")
+    return {"run_dir": str(run_dir), "metrics": metrics}
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    result = run(cfg)
+    metric = cfg.get("optimized_metric")
+    return result["metrics"].get(metric) if metric else None
+
+
+if __name__ == "__main__":
+    main()
