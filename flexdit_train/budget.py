@@ -1,0 +1,380 @@
+"""Compute-budget schedules: the patch size each sampling step of each CFG branch runs at.
+
+A schedule is plain data, two tuples of patch sizes (index 0 = the first, noisiest step), so the
+sampler, the loggers and the checkpoints treat every policy (static, the paper's weak-first x/y
+schedules, a solved FLOPs target, the weak-last ablation) the same way; only the constructors differ.
+
+FlexiDiT notation (arXiv 2502.20126, §3.3-3.4): a schedule "x/y" over T steps runs the native
+("powerful") patch for the LAST x steps of the conditional branch and the LAST y steps of the guidance
+branch, and the weak (large) patch before. With r = cost(weak) / cost(native) its compute is
+``[(x + r(T-x)) + (y + r(T-y))] / (2T)`` of running the native patch everywhere.
+
+A cost is any callable ``patch_size -> MACs of one forward for one image``;
+:class:`flexdit_train.flops.CostModel` is the analytic one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+Cost = Callable[[int], float]
+
+# Fractions are compared with this slack so that a target equal to a reachable fraction, up to float
+# rounding, selects that schedule rather than the next one.
+_FRACTION_TOL = 1e-9
+
+
+@dataclass(frozen=True)
+class BudgetSchedule:
+    """Patch size per sampling step of the conditional and (with CFG) the guidance branch.
+
+    ``native_patch`` is the patch of the reference run that ``compute_fraction`` divides by (the
+    model's pre-trained patch); ``guidance_patch_sizes`` is None when sampling without CFG.
+    """
+
+    cond_patch_sizes: tuple[int, ...]
+    guidance_patch_sizes: tuple[int, ...] | None
+    native_patch: int
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        # Accept lists (YAML, JSON) but store tuples so the schedule stays hashable and immutable.
+        cond = _patch_tuple(self.cond_patch_sizes, "cond_patch_sizes")
+        object.__setattr__(self, "cond_patch_sizes", cond)
+        if self.guidance_patch_sizes is not None:
+            guidance = _patch_tuple(self.guidance_patch_sizes, "guidance_patch_sizes")
+            if len(guidance) != len(cond):
+                raise ValueError(
+                    f"the guidance branch has {len(guidance)} steps but the conditional branch "
+                    f"{len(cond)}; give both branches one patch size per sampling step"
+                )
+            object.__setattr__(self, "guidance_patch_sizes", guidance)
+        if int(self.native_patch) < 1:
+            raise ValueError(f"native patch must be a positive int, got {self.native_patch!r}")
+        object.__setattr__(self, "native_patch", int(self.native_patch))
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.cond_patch_sizes)
+
+    @property
+    def cfg(self) -> bool:
+        return self.guidance_patch_sizes is not None
+
+    @property
+    def patch_sizes(self) -> tuple[int, ...]:
+        """Distinct patch sizes the schedule uses, ascending."""
+        return tuple(sorted(set(self.cond_patch_sizes) | set(self.guidance_patch_sizes or ())))
+
+    def patches_at(self, step: int) -> tuple[int, int | None]:
+        """(conditional patch, guidance patch or None) of sampling step ``step`` (0 = noisiest)."""
+        guidance = None if self.guidance_patch_sizes is None else self.guidance_patch_sizes[step]
+        return self.cond_patch_sizes[step], guidance
+
+    def nfe(self) -> dict[str, dict[int, int]]:
+        """Evaluations per branch and patch size: ``{"cond": {2: 130, 4: 120}, "guidance": {...}}``."""
+        counts = {"cond": _counts(self.cond_patch_sizes)}
+        if self.guidance_patch_sizes is not None:
+            counts["guidance"] = _counts(self.guidance_patch_sizes)
+        return counts
+
+    def macs(self, cost: Cost) -> float:
+        """MACs to sample one image: every step's forward, both branches with CFG."""
+        return sum(n * cost(p) for branch in self.nfe().values() for p, n in branch.items())
+
+    def reference_macs(self, cost: Cost) -> float:
+        """MACs of the static run: the native patch for every step of every branch."""
+        branches = 2 if self.cfg else 1
+        return branches * self.num_steps * cost(self.native_patch)
+
+    def compute_fraction(self, cost: Cost) -> float:
+        """Schedule FLOPs / FLOPs of the static native-patch run (the paper's "% FLOPs")."""
+        return self.macs(cost) / self.reference_macs(cost)
+
+    def validate(self, available_patch_sizes: Collection[int]) -> None:
+        """Raise a one-line ValueError when the schedule needs a patch size the model lacks."""
+        available = sorted(int(p) for p in available_patch_sizes)
+        for p in self.patch_sizes:
+            if p not in available:
+                raise ValueError(
+                    f"budget {self.name!r} uses patch size {p} but the model has {available}; "
+                    f"choose a budget and weak patch size among {available} or flexify the model to patch {p}"
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able form; :meth:`from_dict` inverts it."""
+        return {
+            "name": self.name,
+            "native_patch": self.native_patch,
+            "cond_patch_sizes": list(self.cond_patch_sizes),
+            "guidance_patch_sizes": _optional_list(self.guidance_patch_sizes),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> BudgetSchedule:
+        missing = [k for k in ("native_patch", "cond_patch_sizes") if k not in data]
+        if missing:
+            raise ValueError(
+                f"schedule dict lacks {missing}; expected the keys BudgetSchedule.to_dict() writes"
+            )
+        # Lists from JSON are fine: __post_init__ turns them into tuples.
+        return cls(
+            cond_patch_sizes=data["cond_patch_sizes"],
+            guidance_patch_sizes=data.get("guidance_patch_sizes"),
+            native_patch=data["native_patch"],
+            name=data.get("name", "custom"),
+        )
+
+    def describe(self) -> str:
+        """One line, e.g. ``130/130: 250 steps, native p2; cond p4x120 -> p2x130; guidance ...``."""
+        guidance = "off" if self.guidance_patch_sizes is None else _runs(self.guidance_patch_sizes)
+        return (
+            f"{self.name}: {self.num_steps} steps, native p{self.native_patch}; "
+            f"cond {_runs(self.cond_patch_sizes)}; guidance {guidance}"
+        )
+
+
+def _patch_tuple(sizes: Any, field: str) -> tuple[int, ...]:
+    sizes = tuple(int(p) for p in sizes)
+    if not sizes:
+        raise ValueError(f"{field} is empty; a schedule needs one patch size per sampling step")
+    if min(sizes) < 1:
+        raise ValueError(f"{field} contains patch size {min(sizes)}; patch sizes must be positive")
+    return sizes
+
+
+def _optional_list(sizes: tuple[int, ...] | None) -> list[int] | None:
+    return None if sizes is None else list(sizes)
+
+
+def _counts(sizes: tuple[int, ...]) -> dict[int, int]:
+    return dict(sorted(Counter(sizes).items()))
+
+
+def _runs(sizes: tuple[int, ...]) -> str:
+    """Run-length form in step order: ``p4x120 -> p2x130``."""
+    runs: list[list[int]] = []
+    for p in sizes:
+        if runs and runs[-1][0] == p:
+            runs[-1][1] += 1
+        else:
+            runs.append([p, 1])
+    return " -> ".join(f"p{p}x{n}" for p, n in runs)
+
+
+#################################################################################
+#                                 Constructors                                  #
+#################################################################################
+
+
+def static(num_steps: int, native_patch: int, cfg: bool = True, name: str = "static") -> BudgetSchedule:
+    """Every step of every branch at the native patch: the 100% reference."""
+    steps = (native_patch,) * _check_steps(num_steps)
+    return BudgetSchedule(steps, steps if cfg else None, native_patch, name)
+
+
+def from_powerful_steps(
+    num_steps: int,
+    native_patch: int,
+    weak_patch: int,
+    powerful_steps: int,
+    powerful_steps_guidance: int | None = None,
+    cfg: bool = True,
+    name: str | None = None,
+) -> BudgetSchedule:
+    """Paper schedule x/y: weak patch first, native patch for the last x cond and last y guidance steps.
+
+    ``powerful_steps_guidance`` defaults to ``powerful_steps``; it is ignored when ``cfg`` is False.
+    """
+    return _two_patch(
+        num_steps, native_patch, weak_patch, powerful_steps, powerful_steps_guidance, cfg, True, name
+    )
+
+
+def weak_last(
+    num_steps: int,
+    native_patch: int,
+    weak_patch: int,
+    powerful_steps: int,
+    powerful_steps_guidance: int | None = None,
+    cfg: bool = True,
+    name: str | None = None,
+) -> BudgetSchedule:
+    """Ablation (paper Fig. 19): native patch for the FIRST x / y steps, weak patch for the rest."""
+    return _two_patch(
+        num_steps, native_patch, weak_patch, powerful_steps, powerful_steps_guidance, cfg, False, name
+    )
+
+
+def for_target(
+    compute_fraction: float,
+    num_steps: int,
+    native_patch: int,
+    weak_patch: int,
+    cost: Cost,
+    cfg: bool = True,
+    name: str | None = None,
+) -> BudgetSchedule:
+    """Weak-first schedule x/x with the FEWEST powerful steps whose compute fraction reaches the target.
+
+    The schedule therefore never spends less than the target: its fraction lies in
+    ``[target, target + (1 - r) / T)`` (r = cost(weak) / cost(native)), within one step's granularity
+    above it. Both branches get the same x, as in the paper's 130/130 and 70/70 schedules.
+    """
+    num_steps = _check_steps(num_steps)
+    if not 0.0 < compute_fraction <= 1.0:
+        raise ValueError(
+            f"compute fraction {compute_fraction} is outside (0, 1]; give the share of the static "
+            "native-patch FLOPs, e.g. 0.6"
+        )
+    if cost(weak_patch) >= cost(native_patch):
+        raise ValueError(
+            f"weak patch {weak_patch} is not cheaper than native patch {native_patch} under this cost "
+            "model; a compute target needs a larger weak patch"
+        )
+
+    def schedule(x: int) -> BudgetSchedule:
+        return from_powerful_steps(
+            num_steps, native_patch, weak_patch, x, cfg=cfg, name=name or f"target {compute_fraction:g}"
+        )
+
+    floor = schedule(0).compute_fraction(cost)
+    if compute_fraction < floor - _FRACTION_TOL:
+        raise ValueError(
+            f"compute fraction {compute_fraction:.4f} is below the minimum {floor:.4f} reachable with all "
+            f"{num_steps} steps at weak patch {weak_patch}; raise the target or use a larger weak patch"
+        )
+    # The fraction grows with x and is 1.0 at x = num_steps >= target, so a match always exists.
+    return next(
+        s
+        for s in map(schedule, range(num_steps + 1))
+        if s.compute_fraction(cost) >= compute_fraction - _FRACTION_TOL
+    )
+
+
+def _check_steps(num_steps: int) -> int:
+    if int(num_steps) != num_steps or num_steps < 1:
+        raise ValueError(f"number of sampling steps must be a positive int, got {num_steps!r}")
+    return int(num_steps)
+
+
+def _two_patch(
+    num_steps: int,
+    native_patch: int,
+    weak_patch: int,
+    powerful_steps: int,
+    powerful_steps_guidance: int | None,
+    cfg: bool,
+    weak_first: bool,
+    name: str | None,
+) -> BudgetSchedule:
+    num_steps = _check_steps(num_steps)
+    guidance = powerful_steps if powerful_steps_guidance is None else powerful_steps_guidance
+    for label, count in (("powerful_steps", powerful_steps), ("powerful_steps_guidance", guidance)):
+        if int(count) != count or not 0 <= count <= num_steps:
+            raise ValueError(
+                f"{label}={count!r} must be an int in [0, {num_steps}] (the number of sampling steps)"
+            )
+    x, y = int(powerful_steps), int(guidance)  # YAML may hand over 130.0
+
+    def layout(powerful: int) -> tuple[int, ...]:
+        weak, strong = (weak_patch,) * (num_steps - powerful), (native_patch,) * powerful
+        return weak + strong if weak_first else strong + weak
+
+    if name is None:
+        name = f"{x}/{y}" if cfg else f"{x}/-"
+        name = name if weak_first else f"weak_last {name}"
+    return BudgetSchedule(layout(x), layout(y) if cfg else None, native_patch, name)
+
+
+#################################################################################
+#                          Hydra `budget` config group                          #
+#################################################################################
+
+# Parameters each `budget.mode` takes besides `mode` and `name` (fractions are of the step count T).
+BUDGET_MODES: dict[str, tuple[str, ...]] = {
+    "static": (),
+    "powerful_steps": ("powerful_steps", "powerful_steps_guidance"),
+    "powerful_fraction": ("powerful_fraction", "powerful_fraction_guidance"),
+    "weak_last": ("powerful_fraction", "powerful_fraction_guidance"),
+    "target": ("compute_fraction",),
+}
+
+
+def build_schedule(
+    budget_cfg: Mapping[str, Any],
+    num_steps: int,
+    native_patch: int,
+    weak_patch: int | None,
+    cost: Cost | None,
+    cfg: bool = True,
+    available_patch_sizes: Collection[int] | None = None,
+) -> BudgetSchedule:
+    """Schedule for a `budget` config node (conf/budget/*.yaml) and a sampler with ``num_steps`` steps.
+
+    Modes: ``static``; ``powerful_steps`` (x, y as step counts); ``powerful_fraction`` (x, y as
+    fractions of T, rounded half up, so presets work for any T); ``weak_last`` (same fractions,
+    powerful steps first); ``target`` (``compute_fraction`` solved with ``cost``, see
+    :func:`for_target`). A missing guidance parameter means "same as the conditional one"; guidance
+    parameters are ignored without CFG.
+    """
+    node = dict(budget_cfg)
+    mode = node.pop("mode", None)
+    name = node.pop("name", None) or mode
+    if mode not in BUDGET_MODES:
+        raise ValueError(f"budget.mode={mode!r} is unknown; use one of {list(BUDGET_MODES)}")
+    unknown = sorted(set(node) - set(BUDGET_MODES[mode]))
+    if unknown:
+        takes = list(BUDGET_MODES[mode]) or "no parameters"
+        raise ValueError(f"budget.mode={mode!r} does not take {unknown}; it takes {takes}")
+
+    if mode == "static":
+        schedule = static(num_steps, native_patch, cfg, name)
+    else:
+        if weak_patch is None:
+            raise ValueError(
+                f"budget.mode={mode!r} needs a weak patch size but none is available (native patch "
+                f"{native_patch} only); use budget=static or flexify the model with a weak patch"
+            )
+        if mode == "target":
+            if cost is None:
+                raise ValueError(
+                    "budget.mode='target' needs a cost model (flexdit_train.flops.cost_model) to solve for"
+                )
+            fraction = _required(node, "compute_fraction", mode)
+            schedule = for_target(fraction, num_steps, native_patch, weak_patch, cost, cfg, name)
+        elif mode == "powerful_steps":
+            x = _required(node, "powerful_steps", mode)
+            schedule = from_powerful_steps(
+                num_steps, native_patch, weak_patch, x, node.get("powerful_steps_guidance"), cfg, name
+            )
+        else:
+            x = _steps_of(_required(node, "powerful_fraction", mode), num_steps)
+            guidance = node.get("powerful_fraction_guidance")
+            y = None if guidance is None else _steps_of(guidance, num_steps)
+            layout = weak_last if mode == "weak_last" else from_powerful_steps
+            schedule = layout(num_steps, native_patch, weak_patch, x, y, cfg, name)
+
+    if available_patch_sizes is not None:
+        schedule.validate(available_patch_sizes)
+    return schedule
+
+
+def _required(node: Mapping[str, Any], key: str, mode: str) -> Any:
+    if node.get(key) is None:
+        raise ValueError(f"budget.mode={mode!r} needs budget.{key}; set it, e.g. budget.{key}=...")
+    return node[key]
+
+
+def _steps_of(fraction: float, num_steps: int) -> int:
+    """Fraction of the T steps -> step count, rounded half up (0.52 of 250 -> 130, of 50 -> 26)."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(
+            f"powerful fraction {fraction} is outside [0, 1]; it is a share of the sampling steps"
+        )
+    # The slack keeps float products such as 0.35 * 10 = 3.4999999999999996 rounding up.
+    return math.floor(fraction * num_steps + 0.5 + _FRACTION_TOL)
