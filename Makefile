@@ -25,7 +25,7 @@ test-fast: install ## Run the test suite without the slow end-to-end tests
 	$(PY) -m pytest -m "not slow"
 
 train: install ## Train on the embedded default (bundled MNIST digits); extra Hydra overrides via ARGS="..."
-	$(PY) -m flexdit_train $(ARGS)
+	$(PY) -m flexdit_train +experiment=mnist_pretrain $(ARGS)
 
 lint: install ## Lint with ruff
 	$(VENV)/bin/ruff check flexdit_train tests benchmarks scripts

@@ -38,32 +38,84 @@ def sample_labels(seed: int, indices: Sequence[int], num_classes: int) -> torch.
     return torch.tensor(labels, dtype=torch.long)
 
 
-class GuidedDenoiser(nn.Module):
-    """``model(x, t, y)`` -> classifier-free-guided output for a batch of conditional samples.
+def weak_guidance_scale(cfg_scale: float, ratio: float = 2.5) -> float:
+    """Scale s2 of weak-conditional guidance from the CFG scale s1 via (1 - s1) / (1 - s2) = ratio."""
+    return 1.0 - (1.0 - cfg_scale) / ratio
 
-    The conditional and null-label branches run as one doubled batch; ``guide_all_channels=False``
-    reproduces DiT's guidance of the first 3 eps channels only.
+
+class ScheduledDenoiser(nn.Module):
+    """``model(x, t, y)`` -> one guided prediction, with each step's patch sizes taken from a schedule.
+
+    ``cond_patch_sizes[k]`` / ``guidance_patch_sizes[k]`` are the patch sizes of the conditional and the
+    guidance branch at sampling step k (k = 0 is the noisiest step). Per step:
+    - no guidance branch (or ``cfg_scale == 1``): the conditional prediction alone;
+    - both branches at the same size: standard CFG, eps = uncond + s1 * (cond - uncond), run as one
+      doubled batch;
+    - guidance branch weaker than the conditional one: with ``guidance="weak_conditional"`` the guidance
+      term is the weak *conditional* prediction and the scale is s2 (FlexiDiT §3.4); with
+      ``guidance="standard"`` it is the null-label prediction at the weak size, scale s1.
+    Only the first 3 eps channels are guided unless ``guide_all_channels`` (DiT's reproducibility quirk);
+    unguided channels and the learned variance come from the conditional branch.
     """
 
-    def __init__(self, model: nn.Module, cfg_scale: float, guide_all_channels: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        timestep_map: Sequence[int],
+        cond_patch_sizes: Sequence[int],
+        guidance_patch_sizes: Sequence[int] | None,
+        cfg_scale: float = 1.0,
+        guidance: str = "weak_conditional",
+        weak_scale: float | None = None,
+        guide_all_channels: bool = False,
+    ):
         super().__init__()
+        steps = len(timestep_map)
+        if len(cond_patch_sizes) != steps or (guidance_patch_sizes is not None and len(guidance_patch_sizes) != steps):
+            raise ValueError(
+                f"the schedule has {len(cond_patch_sizes)} steps but the sampler runs {steps}; "
+                "build the budget schedule for the same number of sampling steps"
+            )
+        if guidance not in ("standard", "weak_conditional"):
+            raise ValueError(f"unknown guidance mode {guidance!r}; use 'standard' or 'weak_conditional'")
+        if guidance_patch_sizes is not None:
+            for k, (pc, pg) in enumerate(zip(cond_patch_sizes, guidance_patch_sizes)):
+                if pg < pc:
+                    raise ValueError(
+                        f"step {k}: the guidance branch (patch {pg}) is more powerful than the conditional "
+                        f"one (patch {pc}); powerful guidance steps must be a subset of conditional ones"
+                    )
         self.model = model
+        # Sampling visits respaced steps from the last (noisiest) to the first.
+        self.step_of_timestep = {int(timestep_map[steps - 1 - k]): k for k in range(steps)}
+        self.cond_patch_sizes = list(cond_patch_sizes)
+        self.guidance_patch_sizes = None if cfg_scale == 1.0 or guidance_patch_sizes is None else list(guidance_patch_sizes)
         self.cfg_scale = cfg_scale
-        self.guide_all_channels = guide_all_channels
+        self.guidance = guidance
+        self.weak_scale = weak_guidance_scale(cfg_scale) if weak_scale is None else weak_scale
+        self.guided_channels = model.in_channels if guide_all_channels else min(3, model.in_channels)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, **kwargs) -> torch.Tensor:
-        if self.cfg_scale == 1.0:
-            return self.model(x, t, y, **kwargs)
+    def combine(self, cond: torch.Tensor, guide: torch.Tensor, scale: float) -> torch.Tensor:
+        g = self.guided_channels
+        out = cond.clone()  # (N, C_out, H, W): unguided channels and variance from the conditional branch
+        out[:, :g] = guide[:, :g] + scale * (cond[:, :g] - guide[:, :g])
+        return out
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        k = self.step_of_timestep[int(t[0])]
+        p_cond = self.cond_patch_sizes[k]
+        if self.guidance_patch_sizes is None:
+            return self.model(x, t, y, patch_size=p_cond)
+        p_guide = self.guidance_patch_sizes[k]
         null = torch.full_like(y, self.model.null_class)
-        out = self.model.forward_with_cfg(
-            torch.cat([x, x]),  # (2N, C, H, W)
-            torch.cat([t, t]),
-            torch.cat([y, null]),
-            self.cfg_scale,
-            guide_all_channels=self.guide_all_channels,
-            **kwargs,
-        )  # (2N, C_out, H, W)
-        return out[: len(x)]
+        if p_guide == p_cond:
+            both = self.model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), patch_size=p_cond)
+            cond, uncond = both.chunk(2)  # (N, C_out, H, W) each
+            return self.combine(cond, uncond, self.cfg_scale)
+        cond = self.model(x, t, y, patch_size=p_cond)  # (N, C_out, H, W)
+        if self.guidance == "weak_conditional":
+            return self.combine(cond, self.model(x, t, y, patch_size=p_guide), self.weak_scale)
+        return self.combine(cond, self.model(x, t, null, patch_size=p_guide), self.cfg_scale)
 
 
 @torch.no_grad()
@@ -74,16 +126,31 @@ def generate(
     seed: int,
     indices: Sequence[int],
     *,
+    cond_patch_sizes: Sequence[int] | None = None,
+    guidance_patch_sizes: Sequence[int] | None = None,
     cfg_scale: float = 1.0,
+    guidance: str = "weak_conditional",
+    weak_scale: float | None = None,
     guide_all_channels: bool = False,
     method: str | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Sample model-space outputs (N, C, H, W) for ``labels`` with per-sample-index noise."""
+    """Sample model-space outputs (N, C, H, W) for ``labels`` with per-sample-index noise.
+
+    Without patch schedules every step runs at the native size, and the guidance branch exists
+    whenever ``cfg_scale != 1``.
+    """
     device = next(model.parameters()).device
+    steps = len(diffusion.timestep_map)
+    cond_patch_sizes = cond_patch_sizes or [model.native_patch_size] * steps
+    if guidance_patch_sizes is None and cfg_scale != 1.0:
+        guidance_patch_sizes = list(cond_patch_sizes)
+    denoiser = ScheduledDenoiser(
+        model, diffusion.timestep_map, cond_patch_sizes, guidance_patch_sizes, cfg_scale, guidance, weak_scale,
+        guide_all_channels,
+    )
     shape = (model.in_channels, *model.input_size)
     noise, generators = sample_noise(seed, indices, shape, device)
-    denoiser = GuidedDenoiser(model, cfg_scale, guide_all_channels)
     return diffusion.sample(
         denoiser, noise, {"y": labels.to(device)}, method=method, progress=progress, generator=generators
     )

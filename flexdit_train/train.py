@@ -24,9 +24,27 @@ def instantiate_group(group: DictConfig | None) -> list:
     return [instantiate(node) for node in group.values() if node is not None and "_target_" in node]
 
 
+def apply_flex(model, flex_cfg: DictConfig | None, source: str | None):
+    """Flexify a static model as configured; a checkpoint that is already flexible must agree with the config."""
+    if not flex_cfg:
+        return model
+    existing = getattr(model, "flex_config", None)
+    if existing is None:
+        return instantiate(flex_cfg)(model)
+    wanted = sorted(int(p) for p in flex_cfg.patch_sizes)
+    have = sorted(int(p) for p in existing["patch_sizes"])
+    if wanted != have or flex_cfg.mode != existing["mode"]:
+        raise ValueError(
+            f"checkpoint {source} is already flexible (mode {existing['mode']}, patch sizes {have}) but the config "
+            f"asks for mode {flex_cfg.mode}, patch sizes {wanted}; set flex.patch_sizes/flex.mode to match, or start "
+            "from a static checkpoint"
+        )
+    return model
+
+
 def build_module(cfg: DictConfig) -> L.LightningModule:
     """The network (optionally flexified) inside its objective's LightningModule."""
-    model = instantiate(cfg.model)
+    model = apply_flex(instantiate(cfg.model), cfg.get("flex"), cfg.model.get("pretrained"))
     run_config = OmegaConf.to_container(cfg, resolve=True)
     return instantiate(cfg.objective, model=model, run_config=run_config)
 

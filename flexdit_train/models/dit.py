@@ -290,6 +290,15 @@ class DiT(nn.Module):
         """Label id of the classifier-free-guidance null row."""
         return self.num_classes
 
+    # Static and flexible models share these two, so samplers and objectives need no type checks.
+    @property
+    def native_patch_size(self) -> int:
+        return self.patch_size
+
+    @property
+    def patch_sizes(self) -> tuple[int, ...]:
+        return (self.patch_size,)
+
     def grid_size(self, latent_hw: Sequence[int], patch_size: int | None = None) -> tuple[int, int]:
         p = patch_size or self.patch_size
         h, w = to_2tuple(latent_hw)
@@ -329,9 +338,11 @@ class DiT(nn.Module):
         table = sincos_2d(self.hidden_size, grid_hw, coord_scale)
         return table.unsqueeze(0).to(device=self.pos_embed.device, dtype=self.pos_embed.dtype)
 
-    def embed_condition(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def embed_condition(
+        self, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         t_emb = self.t_embedder(t)  # (N, D)
-        y_emb = self.y_embedder(y, self.training)  # (N, D)
+        y_emb = self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
         return t_emb + y_emb  # (N, D)
 
     def run_blocks(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -343,12 +354,18 @@ class DiT(nn.Module):
         return x
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, patch_size: int | None = None
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        patch_size: int | None = None,
+        force_drop_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x: (N, C, H, W) latents, t: (N,) timesteps, y: (N,) labels -> (N, C_out, H, W).
 
         ``patch_size`` exists so static and flexible models share one call signature; a static DiT
-        accepts only its own patch size.
+        accepts only its own patch size. ``force_drop_ids`` (N,) replaces the random label dropout with
+        a given mask (1 = null class), so two forwards can see exactly the same dropped labels.
         """
         if patch_size not in (None, self.patch_size):
             raise ValueError(
@@ -357,7 +374,7 @@ class DiT(nn.Module):
             )
         grid = self.grid_size(x.shape[-2:])
         x = self.x_embedder(x) + self.position_embedding(grid)  # (N, T, D)
-        c = self.embed_condition(t, y)  # (N, D)
+        c = self.embed_condition(t, y, force_drop_ids)  # (N, D)
         x = self.run_blocks(x, c)  # (N, T, D)
         x = self.final_layer(x, c)  # (N, T, p*p*C_out)
         return unpatchify(x, grid, self.patch_size, self.out_channels)  # (N, C_out, H, W)

@@ -83,9 +83,9 @@ class DiffusionModule(L.LightningModule):
         loss = terms["loss"].mean()
         batch_size = batch["x"].shape[0]
         self.log("train/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch_size)
-        for name in ("mse", "vb"):
-            if name in terms:
-                self.log(f"train/{name}", terms[name].mean(), sync_dist=True, batch_size=batch_size)
+        for name, value in terms.items():
+            if name != "loss":
+                self.log(f"train/{name}", value.mean(), sync_dist=True, batch_size=batch_size)
         self.log_loss_breakdown(terms["loss"].detach(), t, patch_size)
         return loss
 
@@ -100,8 +100,7 @@ class DiffusionModule(L.LightningModule):
             mask = quartile == q
             if mask.any():
                 self.log(f"train/loss_q{q}", per_sample_loss[mask].mean(), rank_zero_only=True)
-        native = getattr(self.model, "native_patch_size", getattr(self.model, "patch_size", None))
-        p = patch_size or native
+        p = patch_size or self.model.native_patch_size
         self.log(f"train/loss_p{p}", per_sample_loss.mean(), rank_zero_only=True)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:

@@ -1,0 +1,140 @@
+"""FlexiDiT training objectives: a shared fine-tune over patch sizes, and weak-from-native distillation.
+
+Both draw the patch size of every optimisation step from an RNG keyed by (seed, global step), so all
+DDP ranks agree without communication: ranks that used different patch sizes in one step would touch
+different parameter sets and DDP's gradient reduction would hang or fail.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flexdit_train.models.loading import from_pretrained
+from flexdit_train.training.ema import make_ema
+from flexdit_train.training.module import DiffusionModule
+
+
+class PatchSizeSampler:
+    """Draws one patch size per step from a weighted list; a pure function of (seed, step)."""
+
+    def __init__(self, weights: Mapping[int, float], seed: int):
+        if not weights:
+            raise ValueError("patch-size distribution is empty; give at least one size with a positive weight")
+        self.sizes = [int(p) for p in weights]
+        probs = np.asarray([float(w) for w in weights.values()], dtype=np.float64)
+        if (probs < 0).any() or probs.sum() <= 0:
+            raise ValueError(f"patch-size weights must be >= 0 and not all zero, got {dict(weights)}")
+        self.probs = probs / probs.sum()
+        self.seed = seed
+
+    def __call__(self, step: int) -> int:
+        rng = np.random.default_rng([self.seed, int(step)])
+        return self.sizes[int(rng.choice(len(self.sizes), p=self.probs))]
+
+
+def check_sizes_available(model: nn.Module, sizes, what: str) -> None:
+    available = tuple(model.patch_sizes)
+    missing = [p for p in sizes if p not in available]
+    if missing:
+        raise ValueError(
+            f"{what} uses patch sizes {missing} but the model has {list(available)}; "
+            "flexify with those sizes (flex.patch_sizes) or change the distribution"
+        )
+
+
+class FlexSharedModule(DiffusionModule):
+    """Shared-parameter flexification: the DiT diffusion loss at a patch size drawn every step."""
+
+    def __init__(self, *args, patch_size_weights: Mapping[int, float], seed: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        weights = {int(p): float(w) for p, w in patch_size_weights.items()}
+        check_sizes_available(self.model, weights, "the shared objective")
+        self.patch_size_sampler = PatchSizeSampler(weights, seed)
+
+    def patch_size_for_step(self, step: int) -> int:
+        return self.patch_size_sampler(step)
+
+
+class DistillModule(DiffusionModule):
+    """Distil the native-patch prediction into the weak patch sizes (mode A or B of FlexiDiT).
+
+    The teacher is the same network at its native size (exact under LoRA, whose native path is the
+    frozen pretrained model), a frozen snapshot of the starting network (shared mode, where the native
+    path moves during training), or a separate checkpoint. The loss is the MSE between teacher and
+    student over all output channels (eps and variance), optionally plus the data diffusion loss. Labels
+    are dropped to the null class with the model's dropout rate, identically for both, so the weak model
+    also learns the unconditional prediction used by guidance.
+    """
+
+    def __init__(
+        self,
+        *args,
+        patch_size_weights: Mapping[int, float],
+        teacher: str | None = "self",
+        data_loss_weight: float = 0.0,
+        seed: int = 0,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        weights = {int(p): float(w) for p, w in patch_size_weights.items()}
+        check_sizes_available(self.model, weights, "the distillation objective")
+        native = self.model.native_patch_size
+        if native in weights:
+            raise ValueError(f"distillation trains weak sizes only; remove the native size {native} from the weights")
+        self.patch_size_sampler = PatchSizeSampler(weights, seed)
+        self.data_loss_weight = data_loss_weight
+        self.label_dropout = float(self.model.config["class_dropout_prob"])
+        self.teacher_source = teacher
+        self.teacher = self.build_teacher(teacher)
+
+    def build_teacher(self, teacher: str | None) -> nn.Module | None:
+        """None means "the student's own native path"; otherwise a frozen fp32 network kept in eval mode."""
+        if teacher in (None, "self"):
+            if getattr(self.model, "flex_config", {}).get("mode") != "lora":
+                raise ValueError(
+                    "teacher='self' needs mode='lora' (the native path must stay frozen); "
+                    "use teacher='snapshot' or a checkpoint path for shared-mode distillation"
+                )
+            return None
+        if teacher == "snapshot":
+            return make_ema(self.model)
+        return make_ema(from_pretrained(teacher))
+
+    def patch_size_for_step(self, step: int) -> int:
+        return self.patch_size_sampler(step)
+
+    def compute_losses(self, batch: dict, patch_size: int | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x0, y = batch["x"], batch["y"]
+        n = x0.shape[0]
+        t = self.diffusion.sample_timesteps(n, x0.device)  # (N,) indices into the (possibly respaced) process
+        noise = torch.randn_like(x0)
+        x_t = self.diffusion.q_sample(x0, t, noise=noise)  # (N, C, H, W)
+        t_model = self.diffusion.timestep_map.to(t.device)[t]  # (N,) the original timesteps the net knows
+        drop = (torch.rand(n, device=x0.device) < self.label_dropout).long()  # (N,) 1 = null class
+        native = self.model.native_patch_size
+        with torch.no_grad():
+            if self.teacher is None:
+                target = self.model(x_t, t_model, y, patch_size=native, force_drop_ids=drop)
+            else:
+                target = self.teacher(x_t, t_model, y, patch_size=native, force_drop_ids=drop)
+        student = self.model(x_t, t_model, y, patch_size=patch_size, force_drop_ids=drop)  # (N, C_out, H, W)
+        distill = F.mse_loss(student, target, reduction="none").flatten(1).mean(1)  # (N,)
+        terms = {"distill": distill, "loss": distill}
+        if self.data_loss_weight > 0:
+            data = self.diffusion.training_losses(
+                self.model, x0, t, cond={"y": y, "patch_size": patch_size, "force_drop_ids": drop}, noise=noise
+            )
+            terms["data"] = data["loss"]
+            terms["loss"] = distill + self.data_loss_weight * data["loss"]
+        return t, terms
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
