@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from flexdit_train import CONF_DIR
 from flexdit_train.budget import BudgetSchedule, build_schedule
 from flexdit_train.diffusion import create_diffusion
 from flexdit_train.flops import cost_model
@@ -173,7 +174,7 @@ def run_sampling(cfg: DictConfig) -> dict[str, Any]:
     return {"card": card, "paths": {k: str(v) for k, v in paths.items()}}
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="sample")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sample")
 def main(cfg: DictConfig) -> None:
     log.info("sampling config:\n%s", OmegaConf.to_yaml(cfg))
     run_sampling(cfg)

@@ -11,8 +11,12 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+
+from flexdit_train import CONF_DIR
+from flexdit_train.runs import resolve_ckpt_path
 
 log = logging.getLogger(__name__)
 
@@ -45,20 +49,24 @@ def apply_flex(model, flex_cfg: DictConfig | None, source: str | None):
 def build_module(cfg: DictConfig) -> L.LightningModule:
     """The network (optionally flexified) inside its objective's LightningModule."""
     model = apply_flex(instantiate(cfg.model), cfg.get("flex"), cfg.model.get("pretrained"))
-    run_config = OmegaConf.to_container(cfg, resolve=True)
-    return instantiate(cfg.objective, model=model, run_config=run_config)
+    module = instantiate(cfg.objective, model=model)
+    # Set afterwards: passed to instantiate, its `_target_` entries would be instantiated too.
+    module.run_config = OmegaConf.to_container(cfg, resolve=True)
+    return module
 
 
 def run(cfg: DictConfig) -> dict:
     """Train as configured; returns the final logged metrics (for sweepers) and the run directory."""
     L.seed_everything(cfg.seed, workers=True)
+    torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
     run_dir = Path(cfg.paths.output_dir)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.get("resume", "auto"), run_dir / "checkpoints")
     datamodule = instantiate(cfg.data)
     module = build_module(cfg)
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=instantiate_group(cfg.get("logger"))
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     final_ckpt = run_dir / "checkpoints" / "final.ckpt"
     trainer.save_checkpoint(final_ckpt)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -68,7 +76,7 @@ def run(cfg: DictConfig) -> dict:
     return {"run_dir": str(run_dir), "metrics": metrics}
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     result = run(cfg)
     metric = cfg.get("optimized_metric")

@@ -50,11 +50,11 @@ def check_sizes_available(model: nn.Module, sizes, what: str) -> None:
 class FlexSharedModule(DiffusionModule):
     """Shared-parameter flexification: the DiT diffusion loss at a patch size drawn every step."""
 
-    def __init__(self, *args, patch_size_weights: Mapping[int, float], seed: int = 0, **kwargs):
+    def __init__(self, *args, patch_size_weights: Mapping[int, float], **kwargs):
         super().__init__(*args, **kwargs)
         weights = {int(p): float(w) for p, w in patch_size_weights.items()}
         check_sizes_available(self.model, weights, "the shared objective")
-        self.patch_size_sampler = PatchSizeSampler(weights, seed)
+        self.patch_size_sampler = PatchSizeSampler(weights, self.seed)
 
     def patch_size_for_step(self, step: int) -> int:
         return self.patch_size_sampler(step)
@@ -77,7 +77,6 @@ class DistillModule(DiffusionModule):
         patch_size_weights: Mapping[int, float],
         teacher: str | None = "self",
         data_loss_weight: float = 0.0,
-        seed: int = 0,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -86,7 +85,7 @@ class DistillModule(DiffusionModule):
         native = self.model.native_patch_size
         if native in weights:
             raise ValueError(f"distillation trains weak sizes only; remove the native size {native} from the weights")
-        self.patch_size_sampler = PatchSizeSampler(weights, seed)
+        self.patch_size_sampler = PatchSizeSampler(weights, self.seed)
         self.data_loss_weight = data_loss_weight
         self.label_dropout = float(self.model.config["class_dropout_prob"])
         self.teacher_source = teacher

@@ -8,17 +8,46 @@ by ``flexdit_train.models.from_pretrained``.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
+import torch.distributed as dist
+from lightning.pytorch.utilities import grad_norm
 from torch import nn
 
+from flexdit_train.flops import training_step_flops
 from flexdit_train.training.ema import make_ema, update_ema
 
 CHECKPOINT_FORMAT_VERSION = 1
 NO_DECAY_NAME_PARTS = ("pos_embed", "embedding_table", "patch_size_embed")
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """Distinct, reproducible per-rank seeds: identical ranks would draw identical timesteps and noise."""
+    return int(np.random.SeedSequence([int(seed), int(rank)]).generate_state(1)[0])
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Generator states as tensors and plain containers, so checkpoints still load with weights_only=True."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -46,7 +75,8 @@ class DiffusionModule(L.LightningModule):
         lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
         weight_decay: float = 0.0,
         ema_decay: float = 0.9999,
-        run_config: dict | None = None,
+        seed: int = 0,
+        compile: bool = False,
     ):
         super().__init__()
         self.model = model
@@ -56,8 +86,14 @@ class DiffusionModule(L.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.weight_decay = weight_decay
         self.ema_decay = ema_decay
-        self.run_config = run_config or {}
+        self.seed = seed
+        self.compile = compile
+        self.run_config: dict = {}  # the resolved Hydra config, stored in checkpoints as plain containers
+        self.samples_seen = 0
+        self.last_step_flops = 0.0  # hardware FLOPs of the last training step on this rank (fwd + bwd)
+        self.wandb_run_id: str | None = None
         self._last_ema_step = -1
+        self._restored_rng: dict | None = None
 
     # ----------------------------------------------------------------------------- training
     def patch_size_for_step(self, step: int) -> int | None:
@@ -82,12 +118,31 @@ class DiffusionModule(L.LightningModule):
         t, terms = self.compute_losses(batch, patch_size)
         loss = terms["loss"].mean()
         batch_size = batch["x"].shape[0]
+        self.samples_seen += batch_size * self.trainer.world_size
+        self.last_step_flops = self.step_flops(batch["x"], patch_size)
         self.log("train/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch_size)
         for name, value in terms.items():
             if name != "loss":
                 self.log(f"train/{name}", value.mean(), sync_dist=True, batch_size=batch_size)
         self.log_loss_breakdown(terms["loss"].detach(), t, patch_size)
         return loss
+
+    def step_flops(self, x: torch.Tensor, patch_size: int | None) -> float:
+        """Analytic fwd+bwd hardware FLOPs of one step on this rank (3x forward, DiT's convention)."""
+        flex = getattr(self.model, "flex_config", None) or {}
+        weak = patch_size not in (None, self.model.native_patch_size)
+        lora_rank = flex.get("lora_rank", 0) if flex.get("mode") == "lora" and weak else 0
+        return float(
+            training_step_flops(
+                self.model, latent_hw=tuple(x.shape[-2:]), patch_size=patch_size, batch_size=x.shape[0],
+                lora_rank=lora_rank,
+            )
+        )
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        norms = grad_norm(self.model, norm_type=2)
+        if "grad_2.0_norm_total" in norms:
+            self.log("train/grad_norm", norms["grad_2.0_norm_total"], rank_zero_only=True)
 
     def log_loss_breakdown(self, per_sample_loss: torch.Tensor, t: torch.Tensor, patch_size: int | None) -> None:
         """Loss per timestep quartile (q0 = least noisy) and per patch size, from rank 0's batch.
@@ -109,6 +164,26 @@ class DiffusionModule(L.LightningModule):
             update_ema(self.ema, self.model, self.ema_decay)
             self._last_ema_step = self.global_step
 
+    # ----------------------------------------------------------------------- seeds and compile
+    def on_train_start(self) -> None:
+        # Ranks must differ (else they sample the same timesteps and noise); a resumed run continues
+        # exactly where its checkpoint left this rank's generators.
+        if self._restored_rng is not None:
+            restore_rng_state(self._restored_rng)
+            self._restored_rng = None
+        else:
+            seed = rank_seed(self.seed, self.global_rank)
+            torch.manual_seed(seed)
+            np.random.seed(seed % 2**32)
+            random.seed(seed)
+
+    def configure_model(self) -> None:
+        # One compiled graph per patch size: each size is a new token count, i.e. a new shape.
+        if self.compile and not getattr(self, "_compiled", False):
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
+            self.model.compile()
+            self._compiled = True
+
     # ---------------------------------------------------------------------------- optimizers
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(parameter_groups(self.model, self.weight_decay))
@@ -125,7 +200,28 @@ class DiffusionModule(L.LightningModule):
             "model_config": dict(self.model.config),
             "flex_config": getattr(self.model, "flex_config", None),
             "config": self.run_config,
+            "samples_seen": self.samples_seen,
+            "wandb_run_id": self.wandb_run_id,
+            "rng_states": self.gather_rng_states(),
         }
+
+    def gather_rng_states(self) -> list[dict[str, Any]]:
+        """Every rank's generator states (a collective: on_save_checkpoint runs on all ranks)."""
+        state = capture_rng_state()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            states: list = [None] * dist.get_world_size()
+            dist.all_gather_object(states, state)
+            return states
+        return [state]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        meta = checkpoint.get("flexdit", {})
+        self.samples_seen = int(meta.get("samples_seen", 0))
+        self.wandb_run_id = meta.get("wandb_run_id")
+        states = meta.get("rng_states") or []
+        rank = self.global_rank if self._trainer is not None else 0
+        # Same world size: each rank continues its own stream; otherwise fresh per-rank seeds (logged).
+        self._restored_rng = states[rank] if len(states) == self.trainer.world_size else None
 
     def train(self, mode: bool = True):
         super().train(mode)
