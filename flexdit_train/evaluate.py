@@ -1,0 +1,206 @@
+"""Evaluation app: ``python -m flexdit_train.evaluate checkpoint=PATH eval=fid10k budget=paper_70_70``.
+
+Samples ``eval.num_samples`` images under a compute budget (noise and label of sample i derive from
+``(seed, i)``, so any number of ranks gives the same set), decodes latents through the VAE, and scores
+them against a reference: FID (float64, our Fréchet distance), IS, KID, precision/recall and, on MNIST,
+the digit accuracy. Writes ``eval.json`` (the eval card) and ``grid.png`` into the run directory and
+upserts a row into ``results.csv`` / ``results.md`` / ``fid_vs_compute.png`` in the results directory,
+which a ``-m`` sweep over budgets and checkpoints shares. Under torchrun each rank samples the indices
+``i % world == rank``; rank 0 gathers them and computes the metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+import torch.distributed as dist
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from flexdit_train import CONF_DIR
+from flexdit_train.evaluation.card import write_card
+from flexdit_train.evaluation.metrics import (
+    check_metrics,
+    compute_metrics,
+    extract_features,
+    resolve_extractor,
+)
+from flexdit_train.evaluation.reference import load_reference, reference_kind
+from flexdit_train.evaluation.report import log_to_wandb, read_table, record_result, table_row
+from flexdit_train.sample import prepare_sampler, resolve_device, sample_images, write_outputs
+from flexdit_train.sampling import sample_labels, save_grid
+
+log = logging.getLogger(__name__)
+
+
+def init_distributed(timeout_minutes: float) -> tuple[int, int]:
+    """(rank, world size); joins the process group when launched by torchrun with more than one process."""
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def rank_indices(num_samples: int, rank: int, world: int) -> list[int]:
+    """The global sample indices this rank generates: i % world == rank."""
+    return list(range(rank, num_samples, world))
+
+
+def gather_samples(local: torch.Tensor, num_samples: int, rank: int, world: int) -> torch.Tensor | None:
+    """All images (N, ...) in index order on rank 0 (None elsewhere) from each rank's ``rank_indices`` share."""
+    if world == 1:
+        return local
+    parts = [None] * world if rank == 0 else None
+    dist.gather_object(local.cpu(), parts, dst=0)
+    if rank != 0:
+        return None
+    images = torch.empty((num_samples, *local.shape[1:]), dtype=local.dtype)
+    for r, part in enumerate(parts):
+        images[r::world] = part  # rank r holds indices r, r + world, ...
+    return images
+
+
+def results_dir(cfg: DictConfig) -> Path:
+    """``cfg.results_dir``, else the sweep directory under ``-m`` (shared by its jobs), else the run directory."""
+    if cfg.results_dir:
+        return Path(cfg.results_dir)
+    hydra_cfg = HydraConfig.get()
+    return Path(hydra_cfg.sweep.dir if hydra_cfg.mode == RunMode.MULTIRUN else hydra_cfg.runtime.output_dir)
+
+
+def run_evaluation(cfg: DictConfig) -> dict[str, Any] | None:
+    """Sample, score and record one (checkpoint, budget, preset); returns the card and paths on rank 0."""
+    ev = cfg.eval
+    num_samples = int(ev.num_samples)
+    if num_samples < 2:
+        raise ValueError(f"eval.num_samples={num_samples}: statistics need at least 2 samples")
+    rank, world = init_distributed(cfg.dist_timeout_minutes)
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(device)  # NCCL's gather_object stages objects on the current device
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg.allow_tf32)
+
+    # Everything that can fail without sampling fails first: metric names, extractor weights, reference.
+    metrics = check_metrics(ev.metrics, ev.feature_extractor)
+    if rank == 0:
+        extractor = resolve_extractor(ev.feature_extractor, ev.inception_weights, cfg.cache_dir)
+        reference_kind(ev.reference)
+
+    sampler = prepare_sampler(
+        cfg.checkpoint, budget=cfg.budget, sampling_steps=ev.sampling_steps, cfg_scale=ev.cfg_scale, device=device,
+        use_ema=cfg.use_ema, weak_patch_size=cfg.weak_patch_size, merge_lora=cfg.merge_lora,
+        weak_guidance=ev.weak_guidance_scale, vae=ev.vae, latent_scale_factor=ev.latent_scale_factor,
+    )
+    model, diffusion, schedule, cost = sampler.model, sampler.diffusion, sampler.schedule, sampler.cost
+    cfg_scale, weak_scale, decode = sampler.cfg_scale, sampler.weak_scale, sampler.decode
+
+    indices = rank_indices(num_samples, rank, world)
+    start = time.time()
+    local = sample_images(
+        model, diffusion, schedule, sample_labels(cfg.seed, indices, model.num_classes), cfg.seed, indices,
+        batch_size=int(cfg.batch_size), cfg_scale=cfg_scale, guidance=ev.guidance, weak_scale=weak_scale,
+        guide_all_channels=ev.guide_all_channels, decode=decode, clip_denoised=ev.clip_denoised,
+        progress=cfg.progress,
+    )  # uint8 (n_rank, H, W, C)
+    images = gather_samples(local, num_samples, rank, world)
+    sampling_seconds = time.time() - start
+    if rank != 0:
+        return None
+
+    labels = sample_labels(cfg.seed, range(num_samples), model.num_classes)
+    out_dir = Path(cfg.out_dir)
+    card = {
+        "checkpoint": str(cfg.checkpoint),
+        "use_ema": bool(cfg.use_ema),
+        "model_config": dict(model.config),
+        "flex_config": getattr(model, "flex_config", None),
+        "preset": ev.name,
+        "budget": schedule.name,
+        "sampling_steps": str(ev.sampling_steps),
+        "num_steps": len(diffusion.timestep_map),
+        "sampler": diffusion.default_sample_method,
+        "cfg_scale": cfg_scale,
+        "guidance": ev.guidance if schedule.cfg else "none",
+        "weak_guidance_scale": float(weak_scale),
+        "guide_all_channels": bool(ev.guide_all_channels),
+        "vae": ev.vae,
+        "latent_scale_factor": float(ev.latent_scale_factor),
+        "schedule": schedule.to_dict(),
+        "schedule_summary": schedule.describe(),
+        "compute_fraction": schedule.compute_fraction(cost),
+        "gmacs_per_image": schedule.macs(cost) / 1e9,
+        "nfe": {branch: {str(p): n for p, n in counts.items()} for branch, counts in schedule.nfe().items()},
+        "num_samples": num_samples,
+        "seed": int(cfg.seed),
+        "seeds": {"noise": "sample i: SeedSequence([seed, i])", "labels": "uniform, sample i: (seed + 7919, i)",
+                  "indices": f"0..{num_samples - 1}"},
+        "precision": {"dtype": "float32", "tf32": bool(cfg.allow_tf32) and device.type == "cuda",
+                      "quantization": "clamp(127.5 x + 128, 0, 255) -> uint8"},
+        "device": str(device),
+        "world_size": world,
+        "sampling_seconds": round(sampling_seconds, 2),
+    }
+    if ev.save_npz:
+        paths = write_outputs(out_dir, images, labels, card, int(cfg.grid_size))  # ADM npz + sampling card
+        grid = paths["grid"]
+    else:
+        grid = save_grid(images[: int(cfg.grid_size)].permute(0, 3, 1, 2).float() / 127.5 - 1.0, out_dir / "grid.png")
+
+    reference = load_reference(
+        ev.reference, extractor, cache_dir=cfg.cache_dir, image_size=images.shape[1], channels=images.shape[3],
+        device=device, batch_size=int(cfg.fidelity.batch_size), max_features=int(cfg.reference_subset),
+        seed=int(cfg.fidelity.rng_seed),
+    )
+    features = extract_features(extractor, images, device, int(cfg.fidelity.batch_size))
+    fidelity = OmegaConf.to_container(cfg.fidelity, resolve=True)
+    values, skipped, used = compute_metrics(
+        features, reference, metrics, extractor, labels=labels, fidelity=fidelity, device=device
+    )
+    import torch_fidelity
+
+    card.update({
+        "metric_backend": {"name": "torch-fidelity", "version": torch_fidelity.__version__,
+                           "frechet": "flexdit_train.evaluation.frechet_distance (float64, eigh with clamping)",
+                           "extractor": extractor.card(), "fidelity": {**fidelity, **used}, "torch": torch.__version__},
+        "reference": reference.card(),
+        "metrics": values,
+        "skipped": skipped,
+    })
+    card_path = write_card(out_dir / "eval.json", card)
+    table_dir = results_dir(cfg)
+    table = record_result(table_dir, table_row(card, card_path))
+    run_name = f"{Path(str(cfg.checkpoint)).stem} {schedule.name} {ev.name}"
+    log_to_wandb(cfg.wandb, card, run_name, table_dir.name, {"samples": grid, "fid_vs_compute": table["plot"]},
+                 read_table(table["csv"]))
+    summary = ", ".join(f"{k} {v:.4g}" for k, v in values.items())
+    print(f"{ev.name} / {schedule.name} ({card['compute_fraction']:.1%} compute): {summary}; table {table['markdown']}")
+    return {"card": card, "paths": {"card": str(card_path), "grid": str(grid), **{k: str(v) for k, v in table.items()}}}
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    log.info("evaluation config:\n%s", OmegaConf.to_yaml(cfg))
+    try:
+        run_evaluation(cfg)
+    finally:
+        if dist.is_initialized():  # only ever joined by init_distributed
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    # Call the importable function: submitit (hydra -m on SLURM) cannot pickle a __main__ function by value.
+    from flexdit_train.evaluate import main as evaluate_main
+
+    evaluate_main()

@@ -1,0 +1,177 @@
+"""Results shared by a sweep: a CSV + Markdown table (one row per checkpoint, budget and preset), the
+FID-vs-compute plot regenerated from it, and optional W&B logging that never fails an evaluation."""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import logging
+import netrc
+import os
+import re
+from collections.abc import Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+TABLE_CSV, TABLE_MD, PLOT_PNG = "results.csv", "results.md", "fid_vs_compute.png"
+KEY_COLUMNS = ("checkpoint", "budget", "preset")
+BASE_COLUMNS = (*KEY_COLUMNS, "compute_fraction", "gmacs_per_image", "nfe", "num_samples", "sampling_steps",
+                "cfg_scale", "seed")
+FID_COLUMN = re.compile(r"^fid\d")
+
+
+def table_row(card: Mapping, card_path: str | os.PathLike) -> dict:
+    """The table row of one eval card: protocol columns, then the metric values, then the card path."""
+    nfe = sum(n for branch in card["nfe"].values() for n in branch.values())
+    row = {
+        "checkpoint": card["checkpoint"], "budget": card["budget"], "preset": card["preset"],
+        "compute_fraction": card["compute_fraction"], "gmacs_per_image": card["gmacs_per_image"], "nfe": nfe,
+        "num_samples": card["num_samples"], "sampling_steps": card["sampling_steps"],
+        "cfg_scale": card["cfg_scale"], "seed": card["seed"],
+    }
+    return {**row, **card["metrics"], "card": str(card_path)}
+
+
+@contextmanager
+def _locked(results_dir: Path):
+    """Exclusive lock on the results directory: parallel sweep jobs (submitit) append to one table."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    with open(results_dir / ".results.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def read_table(path: str | os.PathLike) -> list[dict]:
+    """Rows of a results CSV, numbers parsed back (empty cells stay empty strings)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return [{k: _parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _parse(value: str):
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            continue
+    return value
+
+
+def record_result(results_dir: str | os.PathLike, row: Mapping) -> dict[str, Path]:
+    """Insert ``row`` into the table (replacing the row with the same checkpoint, budget and preset),
+    then rewrite the CSV, the Markdown table and the plot; returns their paths."""
+    results_dir = Path(results_dir)
+    paths = {"csv": results_dir / TABLE_CSV, "markdown": results_dir / TABLE_MD, "plot": results_dir / PLOT_PNG}
+    with _locked(results_dir):
+        key = tuple(str(row[k]) for k in KEY_COLUMNS)
+        rows = [r for r in read_table(paths["csv"]) if tuple(str(r[k]) for k in KEY_COLUMNS) != key]
+        rows.append(dict(row))
+        columns = list(BASE_COLUMNS)
+        for r in rows:
+            columns += [c for c in r if c not in columns and c != "card"]
+        columns.append("card")
+        tmp = paths["csv"].with_name(f".{TABLE_CSV}.tmp{os.getpid()}")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns, restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, paths["csv"])
+        paths["markdown"].write_text(markdown_table(rows, columns))
+        plot_fid_vs_compute(rows, paths["plot"])
+    return paths
+
+
+def markdown_table(rows: list[Mapping], columns: list[str]) -> str:
+    """A Markdown table; checkpoints are shown by file name, floats with 4 significant digits."""
+
+    def cell(column: str, value) -> str:
+        if column == "checkpoint":
+            return Path(str(value)).name
+        if column == "compute_fraction" and isinstance(value, float):
+            return f"{value:.1%}"
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    shown = [c for c in columns if c != "card"]
+    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    lines += ["| " + " | ".join(cell(c, r.get(c, "")) for c in shown) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot_fid_vs_compute(rows: list[Mapping], path: str | os.PathLike) -> Path | None:
+    """FID against compute (% of static FLOPs), one line per (checkpoint, preset, FID-n); None without FIDs."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on clusters
+    import matplotlib.pyplot as plt
+
+    series: dict[tuple[str, str, str], list[tuple[float, float, str]]] = {}
+    for r in rows:
+        for column, value in r.items():
+            if FID_COLUMN.match(column) and isinstance(value, int | float):
+                key = (Path(str(r["checkpoint"])).name, str(r["preset"]), column)
+                series.setdefault(key, []).append((100 * float(r["compute_fraction"]), float(value), str(r["budget"])))
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for (checkpoint, preset, fid_name), points in sorted(series.items()):
+        points.sort()
+        xs, ys, names = zip(*points)
+        ax.plot(xs, ys, marker="o", label=f"{checkpoint} / {preset} ({fid_name})")
+        for x, y, name in points:
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("compute (% of static-sampling FLOPs)")
+    ax.set_ylabel("FID")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def has_wandb_credentials() -> bool:
+    """An API key in the environment or in ~/.netrc (what ``wandb login`` writes)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def log_to_wandb(settings: Mapping, card: Mapping, run_name: str, group: str, images: Mapping[str, Path],
+                 rows: list[Mapping]) -> bool:
+    """Log one evaluation to W&B when ``settings.project`` is set; any failure is a warning. Returns success."""
+    if not settings.get("project"):
+        return False
+    try:
+        import wandb
+
+        mode = settings.get("mode") or os.environ.get("WANDB_MODE") or (
+            "online" if has_wandb_credentials() else "offline"
+        )
+        config = {k: v for k, v in card.items() if k not in ("metrics", "skipped")}
+        run = wandb.init(project=settings["project"], entity=settings.get("entity"), group=settings.get("group") or group,
+                         name=run_name, mode=mode, dir=settings.get("dir"), config=config, job_type="eval")
+        try:
+            payload = {f"eval/{k}": v for k, v in card["metrics"].items()}
+            payload["eval/compute_fraction"] = card["compute_fraction"]
+            payload.update({f"eval/{name}": wandb.Image(str(p)) for name, p in images.items() if p and Path(p).exists()})
+            columns = sorted({c for r in rows for c in r})
+            data = [[None if r.get(c, "") == "" else r[c] for c in columns] for r in rows]  # typed W&B columns
+            payload["eval/results"] = wandb.Table(columns=columns, data=data)
+            run.log(payload)
+        finally:
+            run.finish()
+        return True
+    except Exception as err:  # W&B is a mirror of files already written: never lose an evaluation to it
+        log.warning("W&B logging skipped (%s: %s); the results are in the table", type(err).__name__, err)
+        return False
