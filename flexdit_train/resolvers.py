@@ -23,6 +23,10 @@ def default_run_name() -> str:
 
 
 def register_resolvers() -> None:
-    """``${flexdit.run_name:}``; safe to call more than once."""
+    """``${flexdit.run_name:}`` and ``${flexdit.cwd:}``; safe to call more than once."""
     if not OmegaConf.has_resolver("flexdit.run_name"):
         OmegaConf.register_new_resolver("flexdit.run_name", default_run_name, use_cache=True)
+    if not OmegaConf.has_resolver("flexdit.cwd"):
+        # The launch directory; unlike ${hydra:runtime.cwd} it resolves before Hydra has set its config,
+        # which a multirun needs for its sweep dir and the submitit launcher's folder.
+        OmegaConf.register_new_resolver("flexdit.cwd", os.getcwd, use_cache=True)

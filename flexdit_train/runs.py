@@ -57,12 +57,15 @@ def checkpoint_step(path: Path) -> int | None:
 
 
 def find_resume_checkpoint(checkpoint_dir: str | Path) -> Path | None:
-    """The valid checkpoint with the highest global step in ``checkpoint_dir`` (newest file on ties)."""
+    """The valid checkpoint with the highest global step (newest file on ties).
+
+    Looks in ``checkpoint_dir`` and, for Lightning's SLURM signal checkpoints (``hpc_ckpt_<n>.ckpt``,
+    written into the run directory on preemption), in its parent.
+    """
     directory = Path(checkpoint_dir)
-    if not directory.is_dir():
-        return None
+    paths = [*directory.glob("*.ckpt"), *directory.parent.glob("hpc_ckpt_*.ckpt")]
     candidates = []
-    for path in directory.glob("*.ckpt"):
+    for path in paths:
         if path.is_symlink() or not path.is_file():
             continue  # `last.ckpt` links point at a file that is also listed
         step = checkpoint_step(path)
