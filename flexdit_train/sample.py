@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,47 @@ def latent_decoder(vae_spec, scale_factor: float, device: torch.device):
     return decode
 
 
+@dataclass
+class Sampler:
+    """Everything a sample set needs: the network, its diffusion, the budget schedule and guidance scales."""
+
+    model: torch.nn.Module
+    diffusion: Any
+    schedule: BudgetSchedule
+    cost: Any
+    cfg_scale: float
+    weak_scale: float
+    decode: Any
+
+
+def prepare_sampler(
+    checkpoint: str,
+    *,
+    budget,
+    sampling_steps: str,
+    cfg_scale: float,
+    device: torch.device,
+    use_ema: bool = True,
+    weak_patch_size: int | None = None,
+    merge_lora: bool = True,
+    weak_guidance: float | None = None,
+    vae: str | None = None,
+    latent_scale_factor: float = 0.18215,
+) -> Sampler:
+    """Load a checkpoint and build its sampler, budget schedule, FLOPs model and (latent models) decoder."""
+    model = from_pretrained(checkpoint, prefer_ema=use_ema).to(device).eval()
+    weak = weak_patch_size or max(model.patch_sizes)
+    lora_merged = bool(merge_lora) and (getattr(model, "flex_config", None) or {}).get("mode") == "lora"
+    if lora_merged and weak != model.native_patch_size:
+        model.merge_lora(weak)  # after .to(device): merged copies do not follow moves
+    diffusion = create_diffusion(str(sampling_steps), learn_sigma=model.learn_sigma)
+    cfg_scale = float(cfg_scale)
+    schedule, cost = schedule_for(model, budget, len(diffusion.timestep_map), cfg_scale != 1.0, weak, lora_merged)
+    weak_scale = float(weak_guidance) if weak_guidance is not None else weak_guidance_scale(cfg_scale)
+    decode = None if vae is None else latent_decoder(vae, latent_scale_factor, device)
+    return Sampler(model, diffusion, schedule, cost, cfg_scale, weak_scale, decode)
+
+
 def sample_images(
     model: torch.nn.Module,
     diffusion,
@@ -76,6 +118,7 @@ def sample_images(
     weak_scale: float | None,
     guide_all_channels: bool,
     decode=None,
+    clip_denoised: bool = False,
     progress: bool = False,
 ) -> torch.Tensor:
     """uint8 (N, H, W, C) images for the given global indices, sampled in batches under ``schedule``."""
@@ -94,6 +137,7 @@ def sample_images(
             guidance=guidance,
             weak_scale=weak_scale,
             guide_all_channels=guide_all_channels,
+            clip_denoised=clip_denoised,
             progress=progress,
         )  # (B, C, H, W) model space
         images = decode(out) if decode is not None else out
@@ -117,35 +161,31 @@ def write_outputs(out_dir: Path, images: torch.Tensor, labels: torch.Tensor, car
 
 def run_sampling(cfg: DictConfig) -> dict[str, Any]:
     device = resolve_device(cfg.device)
-    model = from_pretrained(cfg.checkpoint, prefer_ema=cfg.use_ema).to(device).eval()
-    weak = cfg.weak_patch_size or max(model.patch_sizes)
-    lora_merged = bool(cfg.merge_lora) and (getattr(model, "flex_config", None) or {}).get("mode") == "lora"
-    if lora_merged and weak != model.native_patch_size:
-        model.merge_lora(weak)  # after .to(device): merged copies do not follow moves
-    diffusion = create_diffusion(str(cfg.sampling_steps), learn_sigma=model.learn_sigma)
-    num_steps = len(diffusion.timestep_map)
-    use_cfg = float(cfg.cfg_scale) != 1.0
-    schedule, cost = schedule_for(model, cfg.budget, num_steps, use_cfg, weak, lora_merged)
+    sampler = prepare_sampler(
+        cfg.checkpoint, budget=cfg.budget, sampling_steps=cfg.sampling_steps, cfg_scale=cfg.cfg_scale,
+        device=device, use_ema=cfg.use_ema, weak_patch_size=cfg.weak_patch_size, merge_lora=cfg.merge_lora,
+        weak_guidance=cfg.weak_guidance_scale, vae=cfg.vae, latent_scale_factor=cfg.latent_scale_factor,
+    )
+    model, schedule, cost = sampler.model, sampler.schedule, sampler.cost
     indices = list(range(int(cfg.num_samples)))
     if cfg.class_labels is not None:
         labels = torch.tensor([int(cfg.class_labels[i % len(cfg.class_labels)]) for i in indices])
     else:
         labels = sample_labels(cfg.seed, indices, model.num_classes)
-    weak_scale = cfg.weak_guidance_scale if cfg.weak_guidance_scale is not None else weak_guidance_scale(cfg.cfg_scale)
-    decode = None if cfg.vae is None else latent_decoder(cfg.vae, cfg.latent_scale_factor, device)
     images = sample_images(
         model,
-        diffusion,
+        sampler.diffusion,
         schedule,
         labels,
         cfg.seed,
         indices,
         batch_size=int(cfg.batch_size),
-        cfg_scale=float(cfg.cfg_scale),
+        cfg_scale=sampler.cfg_scale,
         guidance=cfg.guidance,
-        weak_scale=weak_scale,
+        weak_scale=sampler.weak_scale,
         guide_all_channels=cfg.guide_all_channels,
-        decode=decode,
+        decode=sampler.decode,
+        clip_denoised=cfg.clip_denoised,
         progress=cfg.progress,
     )
     card = {
@@ -156,10 +196,11 @@ def run_sampling(cfg: DictConfig) -> dict[str, Any]:
         "num_samples": len(indices),
         "seed": int(cfg.seed),
         "sampling_steps": str(cfg.sampling_steps),
-        "sampler": diffusion.default_method if hasattr(diffusion, "default_method") else None,
-        "cfg_scale": float(cfg.cfg_scale),
+        "sampler": sampler.diffusion.default_sample_method,
+        "clip_denoised": bool(cfg.clip_denoised),
+        "cfg_scale": sampler.cfg_scale,
         "guidance": cfg.guidance,
-        "weak_guidance_scale": float(weak_scale),
+        "weak_guidance_scale": sampler.weak_scale,
         "guide_all_channels": bool(cfg.guide_all_channels),
         "vae": cfg.vae,
         "schedule": schedule.to_dict(),
@@ -181,4 +222,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Call the importable function: submitit (hydra -m on SLURM) cannot pickle a __main__ function by value.
+    from flexdit_train.sample import main as sample_main
+
+    sample_main()

@@ -133,6 +133,7 @@ def generate(
     weak_scale: float | None = None,
     guide_all_channels: bool = False,
     method: str | None = None,
+    clip_denoised: bool = False,
     progress: bool = False,
 ) -> torch.Tensor:
     """Sample model-space outputs (N, C, H, W) for ``labels`` with per-sample-index noise.
@@ -152,7 +153,13 @@ def generate(
     shape = (model.in_channels, *model.input_size)
     noise, generators = sample_noise(seed, indices, shape, device)
     return diffusion.sample(
-        denoiser, noise, {"y": labels.to(device)}, method=method, progress=progress, generator=generators
+        denoiser,
+        noise,
+        {"y": labels.to(device)},
+        method=method,
+        clip_denoised=clip_denoised,
+        progress=progress,
+        generator=generators,
     )
 
 

@@ -15,11 +15,13 @@ from flexdit_train.sampling import generate, save_grid
 
 
 class SampleGrid(L.Callback):
-    """Every ``every_n_steps`` and at the end of training, sample a fixed grid from the EMA weights.
+    """Every ``every_n_steps`` and at the end of training, sample fixed grids from the EMA weights.
 
     Labels cycle through the classes and the noise comes from ``seed``, so grids from different steps
-    and runs are directly comparable. Written to ``<dirpath>/step_XXXXXXX.png`` and ``<dirpath>/final.png``
-    on rank 0, and sent to loggers that take images (W&B).
+    and runs are directly comparable. One grid per entry of ``budgets`` (budget config nodes as in
+    conf/budget/; flexible models show what each compute budget looks like), written by rank 0 to
+    ``<dirpath>/<budget>_step_XXXXXXX.png`` and ``<dirpath>/<budget>_final.png`` and sent to loggers that
+    take images (W&B). Every rank samples: an FSDP-sharded EMA needs all ranks in each forward.
     """
 
     def __init__(
@@ -30,6 +32,10 @@ class SampleGrid(L.Callback):
         sampling_steps: str = "ddim50",
         cfg_scale: float = 1.0,
         guide_all_channels: bool = False,
+        clip_denoised: bool = False,
+        budgets: list | None = None,
+        vae: str | None = None,
+        latent_scale_factor: float = 0.18215,
         seed: int = 0,
     ):
         self.dirpath = Path(dirpath)
@@ -38,39 +44,58 @@ class SampleGrid(L.Callback):
         self.sampling_steps = sampling_steps
         self.cfg_scale = cfg_scale
         self.guide_all_channels = guide_all_channels
+        self.clip_denoised = clip_denoised
+        self.budgets = list(budgets) if budgets else [{"mode": "static", "name": "static"}]
+        self.vae = vae
+        self.latent_scale_factor = latent_scale_factor
         self.seed = seed
+        self._decode = None
         self._last_grid_step = -1
 
     @torch.no_grad()
-    def make_grid(self, pl_module: L.LightningModule, filename: str) -> Path:
+    def make_grids(self, trainer, pl_module: L.LightningModule, suffix: str) -> list[Path]:
+        from flexdit_train.sample import latent_decoder, schedule_for
+
         model = pl_module.ema
+        if self.vae is not None and self._decode is None:
+            self._decode = latent_decoder(self.vae, self.latent_scale_factor, pl_module.device)
         diffusion = create_diffusion(self.sampling_steps, learn_sigma=model.learn_sigma)
         labels = torch.arange(self.num_images) % model.num_classes
-        images = generate(
-            model,
-            diffusion,
-            labels,
-            self.seed,
-            range(self.num_images),
-            cfg_scale=self.cfg_scale,
-            guide_all_channels=self.guide_all_channels,
-        )
-        path = save_grid(images.clamp(-1, 1), self.dirpath / filename)
-        for logger in pl_module.loggers:
-            if hasattr(logger, "log_image"):
-                logger.log_image(key="samples/grid", images=[str(path)], step=pl_module.global_step)
-        return path
+        weak = max(model.patch_sizes)
+        paths = []
+        for budget in self.budgets:
+            schedule, _ = schedule_for(model, budget, len(diffusion.timestep_map), self.cfg_scale != 1.0, weak)
+            images = generate(
+                model,
+                diffusion,
+                labels,
+                self.seed,
+                range(self.num_images),
+                cond_patch_sizes=schedule.cond_patch_sizes,
+                guidance_patch_sizes=schedule.guidance_patch_sizes,
+                cfg_scale=self.cfg_scale,
+                guide_all_channels=self.guide_all_channels,
+                clip_denoised=self.clip_denoised,
+            )
+            if self._decode is not None:
+                images = self._decode(images)
+            if trainer.is_global_zero:
+                name = budget.get("name", budget["mode"])
+                path = save_grid(images.clamp(-1, 1), self.dirpath / f"{name}_{suffix}.png")
+                for logger in pl_module.loggers:
+                    if hasattr(logger, "log_image"):
+                        logger.log_image(key=f"samples/{name}", images=[str(path)], step=pl_module.global_step)
+                paths.append(path)
+        return paths
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        due = self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_grid_step
-        if due and trainer.is_global_zero:
-            self.make_grid(pl_module, f"step_{step:07d}.png")
+        if self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_grid_step:
+            self.make_grids(trainer, pl_module, f"step_{step:07d}")
             self._last_grid_step = step
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if trainer.is_global_zero:
-            path = self.make_grid(pl_module, "final.png")
+        for path in self.make_grids(trainer, pl_module, "final"):
             print(f"sample grid: {path}")
 
 

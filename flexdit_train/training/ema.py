@@ -6,6 +6,7 @@ import copy
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 
 def make_ema(model: nn.Module) -> nn.Module:
@@ -24,9 +25,18 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     with decay 0.9999 rounds every update away.
     """
     ema_params = dict(ema.named_parameters())
-    pairs = [(ema_params[name], p.detach()) for name, p in model.named_parameters() if p.requires_grad]
+    pairs = [(local(ema_params[name]), local(p.detach())) for name, p in model.named_parameters() if p.requires_grad]
     if not pairs:
         return
     shadows, currents = zip(*pairs)
     currents = [c.to(s.dtype) for s, c in zip(shadows, currents)]
     torch._foreach_lerp_(list(shadows), currents, 1.0 - decay)
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """The local shard of an FSDP2 (DTensor) parameter, the tensor itself otherwise.
+
+    Model and EMA are sharded identically, so updating local shards is the exact EMA with no
+    communication.
+    """
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor

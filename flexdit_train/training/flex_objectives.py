@@ -107,6 +107,9 @@ class DistillModule(DiffusionModule):
     def patch_size_for_step(self, step: int) -> int:
         return self.patch_size_sampler(step)
 
+    def frozen_networks(self) -> list[nn.Module]:
+        return [self.ema] if self.teacher is None else [self.ema, self.teacher]
+
     def compute_losses(self, batch: dict, patch_size: int | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x0, y = batch["x"], batch["y"]
         n = x0.shape[0]

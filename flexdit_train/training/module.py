@@ -16,8 +16,8 @@ import lightning as L
 import numpy as np
 import torch
 import torch.distributed as dist
-from lightning.pytorch.utilities import grad_norm
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from flexdit_train.flops import training_step_flops
 from flexdit_train.training.ema import make_ema, update_ema
@@ -140,9 +140,12 @@ class DiffusionModule(L.LightningModule):
         )
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        norms = grad_norm(self.model, norm_type=2)
-        if "grad_2.0_norm_total" in norms:
-            self.log("train/grad_norm", norms["grad_2.0_norm_total"], rank_zero_only=True)
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if grads:
+            total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+            if isinstance(total, DTensor):  # FSDP2: reduce the per-shard norms
+                total = total.full_tensor()
+            self.log("train/grad_norm", total, rank_zero_only=True)
 
     def log_loss_breakdown(self, per_sample_loss: torch.Tensor, t: torch.Tensor, patch_size: int | None) -> None:
         """Loss per timestep quartile (q0 = least noisy) and per patch size, from rank 0's batch.
@@ -177,7 +180,22 @@ class DiffusionModule(L.LightningModule):
             np.random.seed(seed % 2**32)
             random.seed(seed)
 
+    def frozen_networks(self) -> list[nn.Module]:
+        """Networks that follow the trained one but never train (EMA; a distillation teacher)."""
+        return [self.ema]
+
     def configure_model(self) -> None:
+        # FSDP2 under ModelParallelStrategy: shard each block, then the root, of every network. The EMA
+        # is sharded exactly like the model, so its update is elementwise on matching local shards.
+        if self.device_mesh is not None and not getattr(self, "_sharded", False):
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = self.device_mesh["data_parallel"]
+            for net in [self.model, *self.frozen_networks()]:
+                for block in net.blocks:
+                    fully_shard(block, mesh=mesh)
+                fully_shard(net, mesh=mesh)
+            self._sharded = True
         # One compiled graph per patch size: each size is a new token count, i.e. a new shape.
         if self.compile and not getattr(self, "_compiled", False):
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
