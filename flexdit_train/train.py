@@ -13,9 +13,11 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from flexdit_train import CONF_DIR
+from flexdit_train.loggers import finish_wandb
 from flexdit_train.runs import resolve_ckpt_path
 
 log = logging.getLogger(__name__)
@@ -63,12 +65,18 @@ def run(cfg: DictConfig) -> dict:
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.get("resume", "auto"), run_dir / "checkpoints")
     datamodule = instantiate(cfg.data)
     module = build_module(cfg)
-    trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=instantiate_group(cfg.get("logger"))
-    )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    final_ckpt = run_dir / "checkpoints" / "final.ckpt"
-    trainer.save_checkpoint(final_ckpt)
+    loggers = instantiate_group(cfg.get("logger"))
+    for logger in loggers:
+        logger.log_hyperparams(module.run_config)
+        if isinstance(logger, WandbLogger):
+            module.wandb_run_id = logger.version
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=loggers)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        final_ckpt = run_dir / "checkpoints" / "final.ckpt"
+        trainer.save_checkpoint(final_ckpt)
+    finally:
+        finish_wandb()
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero:
         print(f"final checkpoint: {final_ckpt}")

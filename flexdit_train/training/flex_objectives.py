@@ -37,6 +37,13 @@ class PatchSizeSampler:
         return self.sizes[int(rng.choice(len(self.sizes), p=self.probs))]
 
 
+def size_weights(weights: Mapping[int, float] | None, default_sizes) -> dict[int, float]:
+    """Explicit ``{patch: weight}`` or, when None, equal weights over ``default_sizes``."""
+    if weights is None:
+        return {int(p): 1.0 for p in default_sizes}
+    return {int(p): float(w) for p, w in weights.items()}
+
+
 def check_sizes_available(model: nn.Module, sizes, what: str) -> None:
     available = tuple(model.patch_sizes)
     missing = [p for p in sizes if p not in available]
@@ -50,9 +57,9 @@ def check_sizes_available(model: nn.Module, sizes, what: str) -> None:
 class FlexSharedModule(DiffusionModule):
     """Shared-parameter flexification: the DiT diffusion loss at a patch size drawn every step."""
 
-    def __init__(self, *args, patch_size_weights: Mapping[int, float], **kwargs):
+    def __init__(self, *args, patch_size_weights: Mapping[int, float] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        weights = {int(p): float(w) for p, w in patch_size_weights.items()}
+        weights = size_weights(patch_size_weights, self.model.patch_sizes)
         check_sizes_available(self.model, weights, "the shared objective")
         self.patch_size_sampler = PatchSizeSampler(weights, self.seed)
 
@@ -74,13 +81,14 @@ class DistillModule(DiffusionModule):
     def __init__(
         self,
         *args,
-        patch_size_weights: Mapping[int, float],
+        patch_size_weights: Mapping[int, float] | None = None,
         teacher: str | None = "self",
         data_loss_weight: float = 0.0,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        weights = {int(p): float(w) for p, w in patch_size_weights.items()}
+        weak_sizes = [p for p in self.model.patch_sizes if p != self.model.native_patch_size]
+        weights = size_weights(patch_size_weights, weak_sizes)
         check_sizes_available(self.model, weights, "the distillation objective")
         native = self.model.native_patch_size
         if native in weights:
