@@ -10,7 +10,13 @@ from flexdit_train.models.loading import (
     from_pretrained,
     infer_config,
 )
-from flexdit_train.models.text_dit import FlexTextDiT, TextDiT, TextDiT_models, create_text_model, flexify_text
+from flexdit_train.models.text_dit import (
+    FlexTextDiT,
+    TextDiT,
+    TextDiT_models,
+    create_text_model,
+    flexify_text,
+)
 from flexdit_train.models.video_dit import (
     FlexVideoDiT,
     VideoDiT,
