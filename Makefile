@@ -24,8 +24,8 @@ test: install ## Run the whole test suite on CPU (slow end-to-end tests included
 test-fast: install ## Run the test suite without the slow end-to-end tests
 	$(PY) -m pytest -m "not slow"
 
-train: install ## Train on the embedded default (bundled MNIST digits); extra Hydra overrides via ARGS="..."
-	$(PY) -m flexdit_train +experiment=mnist_pretrain $(ARGS)
+train: install ## The embedded demo: pretrain, flexify and evaluate a tiny DiT on MNIST (CPU); overrides via ARGS="..."
+	$(PY) -m flexdit_train.demo $(ARGS)
 
 lint: install ## Lint with ruff
 	$(VENV)/bin/ruff check flexdit_train tests benchmarks scripts
