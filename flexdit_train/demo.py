@@ -67,7 +67,7 @@ def write_report(run_dir: Path, static_ckpt: Path, flex_ckpt: Path) -> Path:
             f"| {kind} | {row['budget']} | {row['compute_fraction']:.1%} | {row['gmacs_per_image']:.2f} | "
             f"{row[fid]:.3f} | {row[fid] / base - 1:+.1%} | {row.get('mnist_accuracy', float('nan')):.3f} |"
         )
-    lines += ["", f"![FID vs compute](fid_vs_compute.png)", "", f"Checkpoints: `{static_ckpt}`, `{flex_ckpt}`."]
+    lines += ["", "![FID vs compute](fid_vs_compute.png)", "", f"Checkpoints: `{static_ckpt}`, `{flex_ckpt}`."]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
