@@ -9,23 +9,49 @@ FlexiDiT notation (arXiv 2502.20126, §3.3-3.4): a schedule "x/y" over T steps r
 branch, and the weak (large) patch before. With r = cost(weak) / cost(native) its compute is
 ``[(x + r(T-x)) + (y + r(T-y))] / (2T)`` of running the native patch everywhere.
 
-A cost is any callable ``patch_size -> MACs of one forward for one image``;
-:class:`flexdit_train.flops.CostModel` is the analytic one.
+A patch size is an int (square 2-D patch of the image DiTs) or a per-axis tuple such as the video
+DiT's (1, 2, 2); lists from YAML/JSON become tuples. A cost is any callable
+``patch_size -> MACs of one forward for one sample``; :class:`flexdit_train.flops.CostModel` and
+:class:`flexdit_train.flops_video.VideoCostModel` are the analytic ones.
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-Cost = Callable[[int], float]
+Patch = int | tuple[int, ...]
+Cost = Callable[[Patch], float]
 
 # Fractions are compared with this slack so that a target equal to a reachable fraction, up to float
 # rounding, selects that schedule rather than the next one.
 _FRACTION_TOL = 1e-9
+
+
+def as_patch(value: Any) -> Patch:
+    """An int, a per-axis tuple from any sequence, or either from a label such as "4", "2x2x2" or "p1x4x4"."""
+    try:
+        if isinstance(value, str):
+            parts = value.removeprefix("p").split("x")
+            return int(parts[0]) if len(parts) == 1 else tuple(int(v) for v in parts)
+        if isinstance(value, Iterable):
+            return tuple(int(v) for v in value)
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"patch size {value!r} is neither an int nor a per-axis tuple such as (1, 2, 2)") from None
+
+
+def patch_label(patch: Patch) -> str:
+    """"4" or "1x2x2": the patch part of metric names, card keys and state-dict keys ("p" + label)."""
+    return "x".join(map(str, patch)) if isinstance(patch, tuple) else str(patch)
+
+
+def _patch_name(patch: Patch) -> str:
+    """"p4", or "p(1x4x4)" so that a run length after it ("p(1x4x4)x40") stays readable."""
+    return f"p({patch_label(patch)})" if isinstance(patch, tuple) else f"p{patch}"
 
 
 @dataclass(frozen=True)
@@ -36,9 +62,9 @@ class BudgetSchedule:
     model's pre-trained patch); ``guidance_patch_sizes`` is None when sampling without CFG.
     """
 
-    cond_patch_sizes: tuple[int, ...]
-    guidance_patch_sizes: tuple[int, ...] | None
-    native_patch: int
+    cond_patch_sizes: tuple[Patch, ...]
+    guidance_patch_sizes: tuple[Patch, ...] | None
+    native_patch: Patch
     name: str = "custom"
 
     def __post_init__(self) -> None:
@@ -53,9 +79,10 @@ class BudgetSchedule:
                     f"{len(cond)}; give both branches one patch size per sampling step"
                 )
             object.__setattr__(self, "guidance_patch_sizes", guidance)
-        if int(self.native_patch) < 1:
-            raise ValueError(f"native patch must be a positive int, got {self.native_patch!r}")
-        object.__setattr__(self, "native_patch", int(self.native_patch))
+        native = as_patch(self.native_patch)
+        if min(_dims(native)) < 1:
+            raise ValueError(f"native patch must be positive, got {self.native_patch!r}")
+        object.__setattr__(self, "native_patch", native)
 
     @property
     def num_steps(self) -> int:
@@ -66,16 +93,16 @@ class BudgetSchedule:
         return self.guidance_patch_sizes is not None
 
     @property
-    def patch_sizes(self) -> tuple[int, ...]:
+    def patch_sizes(self) -> tuple[Patch, ...]:
         """Distinct patch sizes the schedule uses, ascending."""
         return tuple(sorted(set(self.cond_patch_sizes) | set(self.guidance_patch_sizes or ())))
 
-    def patches_at(self, step: int) -> tuple[int, int | None]:
+    def patches_at(self, step: int) -> tuple[Patch, Patch | None]:
         """(conditional patch, guidance patch or None) of sampling step ``step`` (0 = noisiest)."""
         guidance = None if self.guidance_patch_sizes is None else self.guidance_patch_sizes[step]
         return self.cond_patch_sizes[step], guidance
 
-    def nfe(self) -> dict[str, dict[int, int]]:
+    def nfe(self) -> dict[str, dict[Patch, int]]:
         """Evaluations per branch and patch size: ``{"cond": {2: 130, 4: 120}, "guidance": {...}}``."""
         counts = {"cond": _counts(self.cond_patch_sizes)}
         if self.guidance_patch_sizes is not None:
@@ -83,7 +110,7 @@ class BudgetSchedule:
         return counts
 
     def macs(self, cost: Cost) -> float:
-        """MACs to sample one image: every step's forward, both branches with CFG."""
+        """MACs to sample one image (or video): every step's forward, both branches with CFG."""
         return sum(n * cost(p) for branch in self.nfe().values() for p, n in branch.items())
 
     def reference_macs(self, cost: Cost) -> float:
@@ -95,9 +122,9 @@ class BudgetSchedule:
         """Schedule FLOPs / FLOPs of the static native-patch run (the paper's "% FLOPs")."""
         return self.macs(cost) / self.reference_macs(cost)
 
-    def validate(self, available_patch_sizes: Collection[int]) -> None:
+    def validate(self, available_patch_sizes: Collection[Patch]) -> None:
         """Raise a one-line ValueError when the schedule needs a patch size the model lacks."""
-        available = sorted(int(p) for p in available_patch_sizes)
+        available = sorted(as_patch(p) for p in available_patch_sizes)
         for p in self.patch_sizes:
             if p not in available:
                 raise ValueError(
@@ -109,8 +136,8 @@ class BudgetSchedule:
         """Plain JSON-able form; :meth:`from_dict` inverts it."""
         return {
             "name": self.name,
-            "native_patch": self.native_patch,
-            "cond_patch_sizes": list(self.cond_patch_sizes),
+            "native_patch": _plain(self.native_patch),
+            "cond_patch_sizes": [_plain(p) for p in self.cond_patch_sizes],
             "guidance_patch_sizes": _optional_list(self.guidance_patch_sizes),
         }
 
@@ -133,37 +160,47 @@ class BudgetSchedule:
         """One line, e.g. ``130/130: 250 steps, native p2; cond p4x120 -> p2x130; guidance ...``."""
         guidance = "off" if self.guidance_patch_sizes is None else _runs(self.guidance_patch_sizes)
         return (
-            f"{self.name}: {self.num_steps} steps, native p{self.native_patch}; "
+            f"{self.name}: {self.num_steps} steps, native {_patch_name(self.native_patch)}; "
             f"cond {_runs(self.cond_patch_sizes)}; guidance {guidance}"
         )
 
 
-def _patch_tuple(sizes: Any, field: str) -> tuple[int, ...]:
-    sizes = tuple(int(p) for p in sizes)
+def _dims(patch: Patch) -> tuple[int, ...]:
+    return patch if isinstance(patch, tuple) else (patch,)
+
+
+def _plain(patch: Patch) -> int | list[int]:
+    """JSON/YAML form: tuples become lists."""
+    return list(patch) if isinstance(patch, tuple) else patch
+
+
+def _patch_tuple(sizes: Any, field: str) -> tuple[Patch, ...]:
+    sizes = tuple(as_patch(p) for p in sizes)
     if not sizes:
         raise ValueError(f"{field} is empty; a schedule needs one patch size per sampling step")
-    if min(sizes) < 1:
-        raise ValueError(f"{field} contains patch size {min(sizes)}; patch sizes must be positive")
+    smallest = min(min(_dims(p)) for p in sizes)
+    if smallest < 1:
+        raise ValueError(f"{field} contains patch size {smallest}; patch sizes must be positive")
     return sizes
 
 
-def _optional_list(sizes: tuple[int, ...] | None) -> list[int] | None:
-    return None if sizes is None else list(sizes)
+def _optional_list(sizes: tuple[Patch, ...] | None) -> list | None:
+    return None if sizes is None else [_plain(p) for p in sizes]
 
 
-def _counts(sizes: tuple[int, ...]) -> dict[int, int]:
+def _counts(sizes: tuple[Patch, ...]) -> dict[Patch, int]:
     return dict(sorted(Counter(sizes).items()))
 
 
-def _runs(sizes: tuple[int, ...]) -> str:
-    """Run-length form in step order: ``p4x120 -> p2x130``."""
-    runs: list[list[int]] = []
+def _runs(sizes: tuple[Patch, ...]) -> str:
+    """Run-length form in step order: ``p4x120 -> p2x130`` (video: ``p(1x4x4)x40 -> p(1x2x2)x10``)."""
+    runs: list[list] = []
     for p in sizes:
         if runs and runs[-1][0] == p:
             runs[-1][1] += 1
         else:
             runs.append([p, 1])
-    return " -> ".join(f"p{p}x{n}" for p, n in runs)
+    return " -> ".join(f"{_patch_name(p)}x{n}" for p, n in runs)
 
 
 #################################################################################
@@ -171,7 +208,7 @@ def _runs(sizes: tuple[int, ...]) -> str:
 #################################################################################
 
 
-def static(num_steps: int, native_patch: int, cfg: bool = True, name: str = "static") -> BudgetSchedule:
+def static(num_steps: int, native_patch: Patch, cfg: bool = True, name: str = "static") -> BudgetSchedule:
     """Every step of every branch at the native patch: the 100% reference."""
     steps = (native_patch,) * _check_steps(num_steps)
     return BudgetSchedule(steps, steps if cfg else None, native_patch, name)
@@ -179,8 +216,8 @@ def static(num_steps: int, native_patch: int, cfg: bool = True, name: str = "sta
 
 def from_powerful_steps(
     num_steps: int,
-    native_patch: int,
-    weak_patch: int,
+    native_patch: Patch,
+    weak_patch: Patch,
     powerful_steps: int,
     powerful_steps_guidance: int | None = None,
     cfg: bool = True,
@@ -197,8 +234,8 @@ def from_powerful_steps(
 
 def weak_last(
     num_steps: int,
-    native_patch: int,
-    weak_patch: int,
+    native_patch: Patch,
+    weak_patch: Patch,
     powerful_steps: int,
     powerful_steps_guidance: int | None = None,
     cfg: bool = True,
@@ -213,8 +250,8 @@ def weak_last(
 def for_target(
     compute_fraction: float,
     num_steps: int,
-    native_patch: int,
-    weak_patch: int,
+    native_patch: Patch,
+    weak_patch: Patch,
     cost: Cost,
     cfg: bool = True,
     name: str | None = None,
@@ -264,8 +301,8 @@ def _check_steps(num_steps: int) -> int:
 
 def _two_patch(
     num_steps: int,
-    native_patch: int,
-    weak_patch: int,
+    native_patch: Patch,
+    weak_patch: Patch,
     powerful_steps: int,
     powerful_steps_guidance: int | None,
     cfg: bool,
@@ -281,7 +318,7 @@ def _two_patch(
             )
     x, y = int(powerful_steps), int(guidance)  # YAML may hand over 130.0
 
-    def layout(powerful: int) -> tuple[int, ...]:
+    def layout(powerful: int) -> tuple[Patch, ...]:
         weak, strong = (weak_patch,) * (num_steps - powerful), (native_patch,) * powerful
         return weak + strong if weak_first else strong + weak
 
@@ -295,7 +332,8 @@ def _two_patch(
 #                          Hydra `budget` config group                          #
 #################################################################################
 
-# Parameters each `budget.mode` takes besides `mode` and `name` (fractions are of the step count T).
+# Parameters each `budget.mode` takes besides `mode`, `name` and `weak_patch` (fractions are of the step
+# count T).
 BUDGET_MODES: dict[str, tuple[str, ...]] = {
     "static": (),
     "powerful_steps": ("powerful_steps", "powerful_steps_guidance"),
@@ -308,11 +346,11 @@ BUDGET_MODES: dict[str, tuple[str, ...]] = {
 def build_schedule(
     budget_cfg: Mapping[str, Any],
     num_steps: int,
-    native_patch: int,
-    weak_patch: int | None,
+    native_patch: Patch,
+    weak_patch: Patch | None,
     cost: Cost | None,
     cfg: bool = True,
-    available_patch_sizes: Collection[int] | None = None,
+    available_patch_sizes: Collection[Patch] | None = None,
 ) -> BudgetSchedule:
     """Schedule for a `budget` config node (conf/budget/*.yaml) and a sampler with ``num_steps`` steps.
 
@@ -320,11 +358,14 @@ def build_schedule(
     fractions of T, rounded half up, so presets work for any T); ``weak_last`` (same fractions,
     powerful steps first); ``target`` (``compute_fraction`` solved with ``cost``, see
     :func:`for_target`). A missing guidance parameter means "same as the conditional one"; guidance
-    parameters are ignored without CFG.
+    parameters are ignored without CFG. ``weak_patch`` in the node (e.g. [2, 2, 2], a video DiT's weak
+    temporal patch) replaces the sampler's weak patch, so a preset can pick one of several weak modes.
     """
     node = dict(budget_cfg)
     mode = node.pop("mode", None)
     name = node.pop("name", None) or mode
+    chosen = node.pop("weak_patch", None)
+    weak_patch = weak_patch if chosen is None else as_patch(chosen)
     if mode not in BUDGET_MODES:
         raise ValueError(f"budget.mode={mode!r} is unknown; use one of {list(BUDGET_MODES)}")
     unknown = sorted(set(node) - set(BUDGET_MODES[mode]))

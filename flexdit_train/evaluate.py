@@ -35,6 +35,7 @@ from flexdit_train.evaluation.metrics import (
 )
 from flexdit_train.evaluation.reference import load_reference, reference_kind
 from flexdit_train.evaluation.report import log_to_wandb, read_table, record_result, table_row
+from flexdit_train.models.arch import arch_of
 from flexdit_train.sample import prepare_sampler, resolve_device, sample_images, write_outputs
 from flexdit_train.sampling import sample_labels, save_grid
 
@@ -105,6 +106,11 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any] | None:
     )
     model, diffusion, schedule, cost = sampler.model, sampler.diffusion, sampler.schedule, sampler.cost
     cfg_scale, weak_scale, decode = sampler.cfg_scale, sampler.weak_scale, sampler.decode
+    if arch_of(model).name != "dit":  # FID/IS need class-conditional images; video/text metrics are not built
+        raise ValueError(
+            f"evaluate scores class-conditional image DiTs, {cfg.checkpoint} is a {arch_of(model).name}: "
+            "sample it with python -m flexdit_train.sample"
+        )
 
     indices = rank_indices(num_samples, rank, world)
     start = time.time()

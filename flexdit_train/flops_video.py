@@ -19,6 +19,9 @@ modulation linear: the tables are added) plus::
 
 The caption terms depend on the text only; a sampler could compute them once per sample instead of per
 step, but the model recomputes them every forward, and this counts what runs.
+
+:func:`model_cost` picks the cost model of any network (image, video or text DiT) for the trainer's
+FLOPs counter and the sampler's compute fractions.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flexdit_train.flops import DIT_TERMS, CostModel, ForwardShape, Term, cost_model, macs_breakdown
+from flexdit_train.models.arch import arch_of
 from flexdit_train.models.video_dit import block_attention, check_video_patch_divides, video_patch
 
 #################################################################################
@@ -186,3 +190,18 @@ def text_cost_model(model: Any, latent_hw: int | Sequence[int] | None = None, lo
     config = getattr(model, "config", model)
     return cost_model(config, latent_hw, lora_rank, text_extra_terms(config))
 
+
+#################################################################################
+#                                  Any model                                    #
+#################################################################################
+
+
+def model_cost(model: Any, latent_shape: Sequence[int] | None = None, lora_rank: int = 0) -> CostModel | VideoCostModel:
+    """``patch -> MACs`` of one forward for one sample of any DiT at ``latent_shape`` ((H, W) or (F, H, W),
+    default its input size); ``lora_rank`` counts unmerged adapters on non-native patches."""
+    arch = arch_of(model).name
+    if arch == "video_dit":
+        return video_cost_model(model, latent_shape, lora_rank)
+    if arch == "text_dit":
+        return text_cost_model(model, latent_shape, lora_rank)
+    return cost_model(model, latent_shape, lora_rank)

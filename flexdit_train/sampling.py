@@ -2,13 +2,16 @@
 
 Noise, labels and every stochastic sampler step of sample ``i`` derive from ``(seed, i)`` alone, never
 from the rank, the world size or the batch a sample lands in, so sample sets are comparable across
-GPU counts and compute budgets.
+GPU counts and compute budgets. Models are image (N, C, H, W) or video (N, C, F, H, W) DiTs conditioned
+on class labels (``y``) or caption embeddings (``text_emb``, ``text_mask``; null branch ``model.null_text``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,8 +46,26 @@ def weak_guidance_scale(cfg_scale: float, ratio: float = 2.5) -> float:
     return 1.0 - (1.0 - cfg_scale) / ratio
 
 
+def patch_volume(patch: Any) -> int:
+    """Pixels (latent cells) per token: larger = weaker; an int p is a p x p patch."""
+    return math.prod(patch) if isinstance(patch, tuple) else patch * patch
+
+
+def null_condition(model: nn.Module, cond: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The unconditional counterpart of ``cond``: the null label, or the model's null caption and mask."""
+    if "text_emb" in cond:
+        emb, mask = model.null_text(cond["text_emb"].shape[0])  # (N, L, D_text), (N, L)
+        return {"text_emb": emb.to(cond["text_emb"].dtype), "text_mask": mask}
+    return {"y": torch.full_like(cond["y"], model.null_class)}
+
+
+def cat_conditions(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Two conditions with the same keys stacked along the batch."""
+    return {k: torch.cat([a[k], b[k]]) for k in a}
+
+
 class ScheduledDenoiser(nn.Module):
-    """``model(x, t, y)`` -> one guided prediction, with each step's patch sizes taken from a schedule.
+    """``model(x, t, **cond)`` -> one guided prediction, with each step's patch sizes taken from a schedule.
 
     ``cond_patch_sizes[k]`` / ``guidance_patch_sizes[k]`` are the patch sizes of the conditional and the
     guidance branch at sampling step k (k = 0 is the noisiest step). Per step:
@@ -53,17 +74,18 @@ class ScheduledDenoiser(nn.Module):
       doubled batch;
     - guidance branch weaker than the conditional one: with ``guidance="weak_conditional"`` the guidance
       term is the weak *conditional* prediction and the scale is s2 (FlexiDiT §3.4); with
-      ``guidance="standard"`` it is the null-label prediction at the weak size, scale s1.
-    Only the first 3 eps channels are guided unless ``guide_all_channels`` (DiT's reproducibility quirk);
-    unguided channels and the learned variance come from the conditional branch.
+      ``guidance="standard"`` it is the null-condition prediction at the weak size, scale s1.
+    "Weaker" means more pixels per token (:func:`patch_volume`). The condition is ``y`` (labels) or
+    ``text_emb``/``text_mask``. Only the first 3 eps channels are guided unless ``guide_all_channels``
+    (DiT's reproducibility quirk); unguided channels and the learned variance come from the conditional branch.
     """
 
     def __init__(
         self,
         model: nn.Module,
         timestep_map: Sequence[int],
-        cond_patch_sizes: Sequence[int],
-        guidance_patch_sizes: Sequence[int] | None,
+        cond_patch_sizes: Sequence[Any],
+        guidance_patch_sizes: Sequence[Any] | None,
         cfg_scale: float = 1.0,
         guidance: str = "weak_conditional",
         weak_scale: float | None = None,
@@ -80,7 +102,7 @@ class ScheduledDenoiser(nn.Module):
             raise ValueError(f"unknown guidance mode {guidance!r}; use 'standard' or 'weak_conditional'")
         if guidance_patch_sizes is not None:
             for k, (pc, pg) in enumerate(zip(cond_patch_sizes, guidance_patch_sizes)):
-                if pg < pc:
+                if patch_volume(pg) < patch_volume(pc):
                     raise ValueError(
                         f"step {k}: the guidance branch (patch {pg}) is more powerful than the conditional "
                         f"one (patch {pc}); powerful guidance steps must be a subset of conditional ones"
@@ -97,37 +119,39 @@ class ScheduledDenoiser(nn.Module):
 
     def combine(self, cond: torch.Tensor, guide: torch.Tensor, scale: float) -> torch.Tensor:
         g = self.guided_channels
-        out = cond.clone()  # (N, C_out, H, W): unguided channels and variance from the conditional branch
+        out = cond.clone()  # (N, C_out, ...): unguided channels and variance from the conditional branch
         out[:, :g] = guide[:, :g] + scale * (cond[:, :g] - guide[:, :g])
         return out
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, **cond) -> torch.Tensor:
+        if y is not None:
+            cond["y"] = y
         k = self.step_of_timestep[int(t[0])]
         p_cond = self.cond_patch_sizes[k]
         if self.guidance_patch_sizes is None:
-            return self.model(x, t, y, patch_size=p_cond)
+            return self.model(x, t, **cond, patch_size=p_cond)
         p_guide = self.guidance_patch_sizes[k]
-        null = torch.full_like(y, self.model.null_class)
+        null = null_condition(self.model, cond)
         if p_guide == p_cond:
-            both = self.model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), patch_size=p_cond)
-            cond, uncond = both.chunk(2)  # (N, C_out, H, W) each
-            return self.combine(cond, uncond, self.cfg_scale)
-        cond = self.model(x, t, y, patch_size=p_cond)  # (N, C_out, H, W)
+            both = self.model(torch.cat([x, x]), torch.cat([t, t]), **cat_conditions(cond, null), patch_size=p_cond)
+            out, uncond = both.chunk(2)  # (N, C_out, ...) each
+            return self.combine(out, uncond, self.cfg_scale)
+        out = self.model(x, t, **cond, patch_size=p_cond)  # (N, C_out, ...)
         if self.guidance == "weak_conditional":
-            return self.combine(cond, self.model(x, t, y, patch_size=p_guide), self.weak_scale)
-        return self.combine(cond, self.model(x, t, null, patch_size=p_guide), self.cfg_scale)
+            return self.combine(out, self.model(x, t, **cond, patch_size=p_guide), self.weak_scale)
+        return self.combine(out, self.model(x, t, **null, patch_size=p_guide), self.cfg_scale)
 
 
 @torch.no_grad()
 def generate(
     model: nn.Module,
     diffusion,
-    labels: torch.Tensor,
+    condition: torch.Tensor | Mapping[str, torch.Tensor],
     seed: int,
     indices: Sequence[int],
     *,
-    cond_patch_sizes: Sequence[int] | None = None,
-    guidance_patch_sizes: Sequence[int] | None = None,
+    cond_patch_sizes: Sequence[Any] | None = None,
+    guidance_patch_sizes: Sequence[Any] | None = None,
     cfg_scale: float = 1.0,
     guidance: str = "weak_conditional",
     weak_scale: float | None = None,
@@ -136,10 +160,11 @@ def generate(
     clip_denoised: bool = False,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Sample model-space outputs (N, C, H, W) for ``labels`` with per-sample-index noise.
+    """Sample model-space outputs (N, C, H, W) or videos (N, C, F, H, W) with per-sample-index noise.
 
-    Without patch schedules every step runs at the native size, and the guidance branch exists
-    whenever ``cfg_scale != 1``.
+    ``condition``: (N,) class labels, or a dict of condition tensors (text DiTs: ``text_emb``
+    (N, L, D_text) and ``text_mask`` (N, L), both required). Without patch schedules every step runs at
+    the native size, and the guidance branch exists whenever ``cfg_scale != 1``.
     """
     device = next(model.parameters()).device
     steps = len(diffusion.timestep_map)
@@ -152,10 +177,11 @@ def generate(
     )
     shape = (model.in_channels, *model.input_size)
     noise, generators = sample_noise(seed, indices, shape, device)
+    cond = {"y": condition} if isinstance(condition, torch.Tensor) else dict(condition)
     return diffusion.sample(
         denoiser,
         noise,
-        {"y": labels.to(device)},
+        {k: v.to(device) for k, v in cond.items()},
         method=method,
         clip_denoised=clip_denoised,
         progress=progress,
@@ -164,16 +190,21 @@ def generate(
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] float (N, C, H, W) -> uint8 (N, H, W, C) with ADM round-to-nearest quantisation."""
-    return (127.5 * images + 128.0).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    """[-1, 1] float (N, C, H, W) or (N, C, F, H, W) -> uint8 channels-last (N, H, W, C) or (N, F, H, W, C)
+    with ADM round-to-nearest quantisation."""
+    return (127.5 * images + 128.0).clamp(0, 255).to(torch.uint8).movedim(1, -1).contiguous()
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
-    """Write a PNG grid of [-1, 1] images (N, C, H, W); returns the path."""
+    """Write a PNG grid of [-1, 1] images (N, C, H, W), or of videos (N, C, F, H, W) one per row of
+    frames; returns the path."""
     from torchvision.utils import save_image
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if images.dim() == 5:
+        nrow = images.shape[2]
+        images = images.transpose(1, 2).flatten(0, 1)  # (N·F, C, H, W), each video's frames in a row
     nrow = nrow or max(1, int(round(len(images) ** 0.5)))
     save_image(images.float().cpu(), str(path), nrow=nrow, normalize=True, value_range=(-1, 1), padding=2)
     return path

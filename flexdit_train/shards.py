@@ -1,4 +1,4 @@
-"""Write and check WebDataset shards: ``python -m flexdit_train.shards {imagefolder,video,latents,mnist,verify}``.
+"""Write and check WebDataset shards: ``python -m flexdit_train.shards {imagefolder,video,latents,text-embeddings,mnist,verify}``.
 
 Examples::
 
@@ -8,6 +8,9 @@ Examples::
     python -m flexdit_train.shards video /data/ucf101/train.csv /data/wds/ucf --frame-stride 2 --size 128
     python -m flexdit_train.shards latents /data/wds/imagenet/train.json /data/wds/in256-latents \\
         --vae /models/sd-vae-ft-ema --image-size 256 --workers 8 --device cuda
+    python -m flexdit_train.shards imagefolder /data/sam/captions.csv /data/wds/sam --prefix train
+    python -m flexdit_train.shards text-embeddings /data/wds/sam/train.json /data/wds/sam-t5 \\
+        --encoder /models/t5-v1_1-xxl-encoder --max-length 120 --device cuda
     python -m flexdit_train.shards mnist /data/wds/mnist
     python -m flexdit_train.shards verify /data/wds/imagenet/train.json
 """
@@ -38,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    images = commands.add_parser("imagefolder", help="class-per-folder tree or CSV list (path,label) -> image shards")
-    images.add_argument("src", help="SRC/<class>/<image> tree, or a CSV/TSV file with a header 'path,label'")
+    images = commands.add_parser("imagefolder", help="class-per-folder tree or CSV list (path,label|caption) -> image shards")
+    images.add_argument("src", help="SRC/<class>/<image> tree, or a CSV/TSV file with 'path' and 'label' and/or 'caption'")
     images.add_argument("out", help="output directory")
     _common(images, 1000)
 
@@ -64,6 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     latents.add_argument("--scale-factor", type=float, default=None, help="override the VAE config's scaling_factor")
     latents.add_argument("--prefix", default=None, help="index name OUT/{prefix}.json (default: the input's prefix)")
     latents.add_argument("--std-tolerance", type=float, default=0.3, help="warn when |scaled latent std - 1| exceeds this")
+
+    text = commands.add_parser("text-embeddings", help="caption shards -> the same shards + text-encoder states (resumable)")
+    text.add_argument("shards", help="caption shard set (images, latents or videos with txt): index JSON, brace/glob pattern")
+    text.add_argument("out", help="output directory (rerun to resume)")
+    text.add_argument("--encoder", required=True,
+                      help="local transformers encoder directory with its tokenizer (save_pretrained), e.g. a T5 encoder")
+    text.add_argument("--max-length", type=int, default=120, help="tokens per caption: padded or truncated (PixArt: 120)")
+    text.add_argument("--batch-size", type=int, default=64, help="captions per encoder call")
+    text.add_argument("--device", default="cpu", help="cpu or cuda")
+    text.add_argument("--prefix", default=None, help="index name OUT/{prefix}.json (default: the input's prefix)")
 
     mnist = commands.add_parser("mnist", help="the bundled MNIST digits -> OUT/train-*.tar, OUT/val-*.tar")
     mnist.add_argument("out", help="output directory")
@@ -107,6 +120,13 @@ def main(argv: list[str] | None = None) -> int:
                 prefix=args.prefix, std_tolerance=args.std_tolerance,
             )
         print(f"{_describe(index)} of {index['latent_shape']} latents to {args.out}/{index['prefix']}.json")
+    elif args.command == "text-embeddings":
+        from flexdit_train.data.text import encode_text_shards
+
+        index = encode_text_shards(args.shards, args.out, encoder=args.encoder, max_length=args.max_length,
+                                   batch_size=args.batch_size, device=args.device, prefix=args.prefix)
+        print(f"{_describe(index)} with {index['text_len']}x{index['text_channels']} caption embeddings "
+              f"to {args.out}/{index['prefix']}.json")
     elif args.command == "mnist":
         from flexdit_train.data.mnist import write_mnist_shards
 

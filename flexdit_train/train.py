@@ -12,15 +12,28 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from flexdit_train import CONF_DIR
+from flexdit_train.budget import as_patch
 from flexdit_train.loggers import finish_wandb
 from flexdit_train.runs import resolve_ckpt_path
 
 log = logging.getLogger(__name__)
+
+
+def build(node: DictConfig, **kwargs):
+    """``instantiate``, re-raising a ValueError of the target itself unwrapped: Hydra's wrapper would turn
+    the one-line errors of models, objectives and data modules into three lines."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, ValueError):
+            raise err.__cause__ from None
+        raise
 
 
 def instantiate_group(group: DictConfig | None) -> list:
@@ -36,9 +49,9 @@ def apply_flex(model, flex_cfg: DictConfig | None, source: str | None):
         return model
     existing = getattr(model, "flex_config", None)
     if existing is None:
-        return instantiate(flex_cfg)(model)
-    wanted = sorted(int(p) for p in flex_cfg.patch_sizes)
-    have = sorted(int(p) for p in existing["patch_sizes"])
+        return build(flex_cfg)(model)
+    wanted = sorted(as_patch(p) for p in flex_cfg.patch_sizes)
+    have = sorted(as_patch(p) for p in existing["patch_sizes"])
     if wanted != have or flex_cfg.mode != existing["mode"]:
         raise ValueError(
             f"checkpoint {source} is already flexible (mode {existing['mode']}, patch sizes {have}) but the config "
@@ -50,8 +63,8 @@ def apply_flex(model, flex_cfg: DictConfig | None, source: str | None):
 
 def build_module(cfg: DictConfig) -> L.LightningModule:
     """The network (optionally flexified) inside its objective's LightningModule."""
-    model = apply_flex(instantiate(cfg.model), cfg.get("flex"), cfg.model.get("pretrained"))
-    module = instantiate(cfg.objective, model=model)
+    model = apply_flex(build(cfg.model), cfg.get("flex"), cfg.model.get("pretrained"))
+    module = build(cfg.objective, model=model)
     # Set afterwards: passed to instantiate, its `_target_` entries would be instantiated too.
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
     return module
@@ -63,7 +76,7 @@ def run(cfg: DictConfig) -> dict:
     torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
     run_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.get("resume", "auto"), run_dir / "checkpoints")
-    datamodule = instantiate(cfg.data)
+    datamodule = build(cfg.data)
     module = build_module(cfg)
     loggers = instantiate_group(cfg.get("logger"))
     for logger in loggers:

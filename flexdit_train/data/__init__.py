@@ -1,13 +1,15 @@
 """Data: shard writers, WebDataset readers as LightningDataModules, skip monitoring.
 
 Every batch is ``{"x": float32 (N, C, H, W) or video (N, C, F, H, W) in model space, "y": int64 (N,),
-"key": list[str]}``. Configs live in ``conf/data/``; the CLI is ``python -m flexdit_train.shards``.
-Names are imported lazily, so writers, ``verify`` and VAE helpers do not pay for importing Lightning.
+"key": list[str]}``; caption-embedding batches carry ``text_emb``/``text_mask`` instead of ``y``.
+Configs live in ``conf/data/``; the CLI is ``python -m flexdit_train.shards``. Names are imported
+lazily, so writers, ``verify`` and VAE helpers do not pay for importing Lightning.
 """
 
 from importlib import import_module
 
 _EXPORTS = {
+    "CaptionEmbeddingsWdsDataModule": "captions",
     "DataSkipMonitor": "monitor",
     "ImageWdsDataModule": "images",
     "LatentsWdsDataModule": "latents",
@@ -19,6 +21,7 @@ _EXPORTS = {
     "WdsDataModule": "base",
     "adm_center_crop": "media",
     "encode_latent_shards": "encode",
+    "encode_text_shards": "text",
     "ensure_mnist_shards": "mnist",
     "resolve_shards": "index",
     "verify_shards": "verify",

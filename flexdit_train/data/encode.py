@@ -2,7 +2,8 @@
 
 One output shard per input shard (same name), written to a temporary file and renamed, with a small
 progress record in ``OUT/_progress/``: a rerun skips finished shards. Shards are spread over processes
-(one VAE each). The scaled latent std is measured from the moments and should be close to 1.
+(one VAE each). The scaled latent std is measured from the moments and should be close to 1. Labels,
+captions and caption embeddings of the images are carried over to the latent samples.
 """
 
 from __future__ import annotations
@@ -22,12 +23,21 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from flexdit_train.data.index import resolve_shards, write_index
-from flexdit_train.data.media import MOMENTS_FIELD, decode_image, image_bytes, to_model_range
+from flexdit_train.data.index import ShardSet, resolve_shards, write_index
+from flexdit_train.data.media import (
+    MOMENTS_FIELD,
+    TEXT_EMB_FIELD,
+    TEXT_MASK_FIELD,
+    decode_image,
+    image_bytes,
+    to_model_range,
+)
 from flexdit_train.data.stream import WorkerStats, decode_samples, read_shards
 from flexdit_train.data.vae import encode_moments, load_vae, vae_name
 
 PROGRESS_DIR = "_progress"
+# Members copied unchanged from an image sample to its latent sample.
+CARRIED_FIELDS = ("cls", "txt", TEXT_EMB_FIELD, TEXT_MASK_FIELD)
 
 
 @dataclass
@@ -61,8 +71,29 @@ def _vae(job: EncodeJob):
     return _STATE["vae"]
 
 
-def _progress_path(out: str) -> Path:
+def progress_path(out: str) -> Path:
+    """Where the record of a finished output shard lives (``OUT/_progress/<shard>.json``)."""
     return Path(out).parent / PROGRESS_DIR / (Path(out).name + ".json")
+
+
+def output_shards(shards: str | list, out: str | Path) -> tuple[ShardSet, list[str]]:
+    """The resolved input set and its output paths: one shard of the same file name in ``out`` per input."""
+    source = resolve_shards(shards)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = [Path(u).name for u in source.urls]
+    if len(set(names)) != len(names):
+        raise ValueError("input shards share file names: encode each directory into its own OUT")
+    return source, [str(out / n) for n in names]
+
+
+def finish_shard(tmp: str, out: str, record: dict) -> None:
+    """Move a written shard into place, then its progress record: a record always means a complete shard."""
+    progress = progress_path(out)
+    progress.parent.mkdir(exist_ok=True)
+    progress.with_suffix(".tmp").write_text(json.dumps(record))
+    os.replace(tmp, out)
+    os.replace(progress.with_suffix(".tmp"), progress)
 
 
 def encode_shard(job: EncodeJob) -> dict:
@@ -77,7 +108,8 @@ def encode_shard(job: EncodeJob) -> dict:
 
     def decode(sample: dict) -> dict:
         pixels = decode_image(image_bytes(sample), job.image_size).transpose(2, 0, 1)  # (3, H, W) uint8
-        return {"key": sample["__key__"], "cls": int(sample["cls"]), "x": np.ascontiguousarray(pixels)}
+        carried = {name: sample[name] for name in CARRIED_FIELDS if name in sample}
+        return {"key": sample["__key__"], "x": np.ascontiguousarray(pixels), "carried": carried}
 
     rows = decode_samples(read_shards([dict(url=job.url)], stats), decode, stats)
     with wds.TarWriter(tmp, mtime=0) as writer:  # an int mtime avoids a PAX header per member
@@ -94,7 +126,7 @@ def encode_shard(job: EncodeJob) -> dict:
                 part = torch.stack([m.sum((0, 2, 3)), (m * m + lv.exp()).sum((0, 2, 3))]).cpu()  # (2, C)
                 sums = part if sums is None else sums + part
                 for r, sample_moments in zip(batch, moments):
-                    writer.write({"__key__": r["key"], MOMENTS_FIELD: sample_moments, "cls": r["cls"], "json": meta})
+                    writer.write({"__key__": r["key"], MOMENTS_FIELD: sample_moments, "json": meta, **r["carried"]})
                 written += len(batch)
                 batch = []
     if sums is None:
@@ -112,11 +144,7 @@ def encode_shard(job: EncodeJob) -> dict:
         "sumsq": sums[1].tolist(),
         **meta,
     }
-    progress = _progress_path(job.out)
-    progress.parent.mkdir(exist_ok=True)
-    progress.with_suffix(".tmp").write_text(json.dumps(record))
-    os.replace(tmp, job.out)
-    os.replace(progress.with_suffix(".tmp"), progress)
+    finish_shard(tmp, job.out, record)
     return record
 
 
@@ -151,23 +179,19 @@ def encode_latent_shards(
     log=print,
 ) -> dict:
     """Encode every shard of ``shards`` into ``OUT`` (skipping finished ones); write and return the index."""
-    source = resolve_shards(shards)
+    source, targets = output_shards(shards, out)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    names = [Path(u).name for u in source.urls]
-    if len(set(names)) != len(names):
-        raise ValueError("input shards share file names: encode each directory into its own OUT")
     if prefix is None:
         prefix = source.meta.get("prefix") or "latents"
     vae_spec = dict(vae) if isinstance(vae, Mapping) else str(vae)
     config = dict(vae_config) if isinstance(vae_config, Mapping) else vae_config
     if isinstance(vae_spec, dict) or vae_spec.endswith(".json"):
         warnings.warn("encoding with a randomly initialised VAE (a config, not weights): for tests only", stacklevel=2)
-    jobs = [EncodeJob(u, str(out / n), image_size, batch_size, vae_spec, config, scale_factor)
-            for u, n in zip(source.urls, names)]
+    jobs = [EncodeJob(u, target, image_size, batch_size, vae_spec, config, scale_factor)
+            for u, target in zip(source.urls, targets)]
     records, todo = {}, []
     for job in jobs:
-        progress = _progress_path(job.out)
+        progress = progress_path(job.out)
         if progress.exists() and os.path.exists(job.out):
             records[job.url] = json.loads(progress.read_text())
         else:

@@ -18,11 +18,15 @@ class ImageCodec:
     def __init__(self, size: int, mode: str = "RGB", random_flip: bool = True) -> None:
         self.size, self.mode, self.random_flip = size, mode, random_flip
 
-    def decode(self, sample: dict, rng: np.random.Generator, train: bool) -> dict:
+    def array(self, sample: dict, rng: np.random.Generator, train: bool) -> np.ndarray:
+        """The cropped (and maybe flipped) image as uint8 (C, H, W)."""
         array = decode_image(image_bytes(sample), self.size, self.mode)  # (H, W, C)
         if train and self.random_flip and rng.random() < 0.5:
             array = array[:, ::-1]
-        return {"x": np.ascontiguousarray(array.transpose(2, 0, 1)), "y": int(sample["cls"]), "key": sample["__key__"]}
+        return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+    def decode(self, sample: dict, rng: np.random.Generator, train: bool) -> dict:
+        return {"x": self.array(sample, rng, train), "y": int(sample["cls"]), "key": sample["__key__"]}
 
     def finalize(self, x: torch.Tensor, generator: torch.Generator, train: bool) -> torch.Tensor:
         return to_model_range(x)  # (N, C, H, W)

@@ -15,7 +15,7 @@ import torch
 from flexdit_train.data.base import WdsDataModule
 from flexdit_train.data.index import ShardSet
 from flexdit_train.data.media import MOMENTS_FIELD
-from flexdit_train.data.stream import WorkerStats, read_shards
+from flexdit_train.data.stream import first_sample
 
 
 class LatentCodec:
@@ -24,10 +24,14 @@ class LatentCodec:
     def __init__(self, scale_factor: float, random_flip: bool = True, sample_posterior: bool = True) -> None:
         self.scale_factor, self.random_flip, self.sample_posterior = scale_factor, random_flip, sample_posterior
 
-    def decode(self, sample: dict, rng: np.random.Generator, train: bool) -> dict:
+    def array(self, sample: dict, rng: np.random.Generator, train: bool) -> np.ndarray:
+        """The stored (mean, logvar) moments (2, C, h, w) of the image or of its flip."""
         moments = np.load(io.BytesIO(sample[MOMENTS_FIELD]))  # (2, 2, C, h, w) float16
         flip = int(rng.integers(2)) if train and self.random_flip else 0
-        return {"x": moments[flip], "y": int(sample["cls"]), "key": sample["__key__"]}
+        return moments[flip]
+
+    def decode(self, sample: dict, rng: np.random.Generator, train: bool) -> dict:
+        return {"x": self.array(sample, rng, train), "y": int(sample["cls"]), "key": sample["__key__"]}
 
     def finalize(self, x: torch.Tensor, generator: torch.Generator, train: bool) -> torch.Tensor:
         moments = x.float()  # (N, 2, C, h, w)
@@ -38,13 +42,21 @@ class LatentCodec:
         return mean.mul_(self.scale_factor)
 
 
-def first_sample_meta(shard_set: ShardSet) -> dict:
-    """``latent_shape``/``scale_factor``/``vae`` read from the first sample (sets without an index)."""
-    for sample in read_shards([dict(url=u) for u in shard_set.urls[:3]], WorkerStats()):
-        meta = json.loads(sample["json"]) if "json" in sample else {}
-        moments = np.load(io.BytesIO(sample[MOMENTS_FIELD]))
-        return {**meta, "latent_shape": list(moments.shape[2:])}
-    raise ValueError(f"could not read a latent sample from {shard_set.urls[:3]}: run `python -m flexdit_train.shards verify`")
+def sample_latent_meta(sample: dict) -> dict:
+    """``latent_shape``/``scale_factor``/``vae`` of one raw latent sample."""
+    meta = json.loads(sample["json"]) if "json" in sample else {}
+    moments = np.load(io.BytesIO(sample[MOMENTS_FIELD]))
+    return {**meta, "latent_shape": list(moments.shape[2:])}
+
+
+def check_latent_shape(latent_shape, in_channels: int, input_size: tuple[int, int]) -> None:
+    """One-line error when stored latents do not have the configured shape."""
+    channels, height, width = latent_shape
+    if (channels, (height, width)) != (in_channels, input_size):
+        raise ValueError(
+            f"the latent shards hold {channels}x{height}x{width} latents: set data.in_channels={channels} and "
+            f"data.input_size={height if height == width else [height, width]} (or re-encode at another --image-size)"
+        )
 
 
 class LatentsWdsDataModule(WdsDataModule):
@@ -63,13 +75,8 @@ class LatentsWdsDataModule(WdsDataModule):
         self.meta: dict = {}
 
     def check_meta(self, shard_set: ShardSet) -> None:
-        meta = shard_set.meta if "latent_shape" in shard_set.meta else first_sample_meta(shard_set)
-        channels, height, width = meta["latent_shape"]
-        if (channels, (height, width)) != (self.in_channels, self.input_size):
-            raise ValueError(
-                f"the latent shards hold {channels}x{height}x{width} latents: set data.in_channels={channels} and "
-                f"data.input_size={height if height == width else [height, width]} (or re-encode at another --image-size)"
-            )
+        meta = shard_set.meta if "latent_shape" in shard_set.meta else sample_latent_meta(first_sample(shard_set.urls))
+        check_latent_shape(meta["latent_shape"], self.in_channels, self.input_size)
         super().check_meta(shard_set)
         if self.scale_factor is None:
             if "scale_factor" not in meta:

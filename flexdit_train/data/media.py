@@ -17,6 +17,8 @@ import torch
 from PIL import Image
 
 MOMENTS_FIELD = "moments.npy"  # latent shards: float16 (2, 2, C, h, w) = (flip, mean|logvar, C, h, w)
+TEXT_EMB_FIELD = "text_emb.npy"  # caption shards after `shards text-embeddings`: float16 (L, D) encoder states
+TEXT_MASK_FIELD = "text_mask.npy"  # bool (L,): True for real tokens, False for padding
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "bmp")
 
 

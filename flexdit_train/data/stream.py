@@ -151,24 +151,35 @@ def decode_samples(samples: Iterable[dict], decode: Callable[[dict], dict], stat
         yield row
 
 
+def first_sample(urls: list[str]) -> dict:
+    """The first readable raw sample of a shard list, for preflight checks of what the shards hold."""
+    for sample in read_shards([dict(url=u) for u in urls[:3]], WorkerStats()):
+        return sample
+    raise ValueError(f"could not read a sample from {urls[:3]}: run `python -m flexdit_train.shards verify` on the set")
+
+
 class SampleCodec(Protocol):
     """Turns one raw WebDataset sample into arrays, and a stacked batch of them into model space."""
 
     def decode(self, sample: dict, rng: np.random.Generator, train: bool) -> dict:
-        """Return ``{"x": np.ndarray, "y": int, ...extras}`` for one raw sample."""
+        """Return ``{"x": np.ndarray, "key": str, "y": int (class data), ...extras}`` for one raw sample."""
 
     def finalize(self, x: torch.Tensor, generator: torch.Generator, train: bool) -> torch.Tensor:
         """Map the stacked ``x`` of a batch into model space (float32)."""
 
 
 def collate(rows: list[dict], codec: SampleCodec, generator: torch.Generator, train: bool) -> dict:
-    """Stack decoded rows into ``{"x", "y", "key", ...}``; ``x`` goes through ``codec.finalize``."""
-    batch = {
-        "x": codec.finalize(torch.from_numpy(np.stack([r["x"] for r in rows])), generator, train),
-        "y": torch.tensor([r["y"] for r in rows], dtype=torch.int64),  # (N,)
-    }
+    """Stack decoded rows into ``{"x", "y" (if rows have labels), "key", ...}``; ``x`` goes through
+    ``codec.finalize``, other array fields (e.g. caption embeddings) are stacked, the rest become lists."""
+    batch = {"x": codec.finalize(torch.from_numpy(np.stack([r["x"] for r in rows])), generator, train)}
+    if "y" in rows[0]:
+        batch["y"] = torch.tensor([r["y"] for r in rows], dtype=torch.int64)  # (N,)
     for name in sorted({name for r in rows for name in r} - {"x", "y"}):
-        batch[name] = [r.get(name) for r in rows]
+        values = [r.get(name) for r in rows]
+        if all(isinstance(v, np.ndarray) for v in values):
+            batch[name] = torch.from_numpy(np.stack(values))  # (N, ...)
+        else:
+            batch[name] = values
     return batch
 
 
@@ -306,7 +317,7 @@ def _cat(a: dict | None, b: dict) -> dict:
 
 
 def _rows(batch: dict | None) -> int:
-    return 0 if batch is None else len(batch["y"])
+    return 0 if batch is None else len(batch["key"])
 
 
 def _head(batch: dict, n: int) -> tuple[dict, dict]:

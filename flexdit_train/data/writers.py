@@ -130,13 +130,15 @@ def shuffled(rows: list[dict], seed: int) -> list[dict]:
 
 
 def image_samples(rows: list[dict], prefix: str, root: Path) -> Iterator[dict]:
-    """Original image bytes (no re-encoding) + ``cls`` + a small ``json`` with the source path."""
+    """Original image bytes (no re-encoding) + ``cls`` and/or ``txt`` caption + a small ``json`` with the source path."""
     for i, row in enumerate(rows):
         path = Path(row["path"])
         sample = {"__key__": f"{prefix}-{i:08d}", IMAGE_SUFFIXES[path.suffix.lower()]: path.read_bytes()}
         sample["json"] = {"path": os.path.relpath(path, root)}
         if "cls" in row:
             sample["cls"] = row["cls"]
+        if row.get("caption"):
+            sample["txt"] = row["caption"]
         yield sample
 
 
@@ -150,7 +152,7 @@ def write_image_shards(
     seed: int = 0,
     classes: str | Path | None = None,
 ) -> dict:
-    """Image folder tree or list file -> shuffled image shards with ``cls``; returns the index."""
+    """Image folder tree or list file (``path,label`` and/or ``caption``) -> shuffled image shards; returns the index."""
     rows, classes = collect(src, IMAGE_SUFFIXES, classes)
     unknown = [row["path"] for row in rows if Path(row["path"]).suffix.lower() not in IMAGE_SUFFIXES]
     if unknown:

@@ -1,52 +1,80 @@
-"""Hydra-facing model factory: a registry preset, explicit sizes, or a pretrained checkpoint."""
+"""Hydra-facing model factory: a registry preset, explicit sizes, or a pretrained checkpoint, of any arch."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
-from flexdit_train.models.dit import DiT, create_model, to_2tuple
+from torch import nn
+
+from flexdit_train.models.arch import arch_of, get_arch
+from flexdit_train.models.dit import create_model
+from flexdit_train.models.text_dit import TextDiT_models
+from flexdit_train.models.video_dit import VideoDiT_models
 
 PRESET_KEYS = ("input_size", "num_classes", "in_channels", "learn_sigma", "class_dropout_prob")
+# Config keys the data decides, per arch: a pretrained model must agree with them.
+DATA_KEYS = {
+    "dit": ("input_size", "num_classes", "in_channels"),
+    "video_dit": ("input_size", "num_classes", "in_channels"),
+    "text_dit": ("input_size", "in_channels", "caption_channels", "text_len"),
+}
+# Registries of the other archs: their presets fix depth, width, heads and patch; every other argument passes.
+PRESETS = {"video_dit": VideoDiT_models, "text_dit": TextDiT_models}
 
 
 def build_model(
     name: str | None = None,
     pretrained: str | None = None,
     grad_checkpointing: bool = False,
+    arch: str = "dit",
     **kwargs,
-) -> DiT:
+) -> nn.Module:
     """Build the network described by a model config.
 
-    ``pretrained`` loads a checkpoint (its shapes win) and checks them against the data-derived
-    ``input_size`` / ``in_channels`` / ``num_classes``; ``name`` picks an official preset; otherwise the
-    explicit sizes in ``kwargs`` build a custom DiT.
+    ``arch`` picks the family (:mod:`flexdit_train.models.arch`: dit, video_dit, text_dit). ``pretrained``
+    loads a checkpoint (its shapes and arch win) and checks them against the data-derived sizes in
+    ``kwargs``; ``name`` picks a registry preset; otherwise the explicit sizes in ``kwargs`` build the model.
     """
+    family = get_arch(arch)
     if pretrained:
         from flexdit_train.models.loading import from_pretrained
 
-        model = from_pretrained(pretrained, model=name)
-        check_matches_data(model, pretrained, **{k: kwargs[k] for k in PRESET_KEYS[:3] if k in kwargs})
-    elif name:
+        # DiT names are checked against the weights; other archs' checkpoints store their config.
+        model = from_pretrained(pretrained, model=name if arch == "dit" else None)
+        if arch_of(model).name != arch:
+            raise ValueError(
+                f"checkpoint {pretrained} holds a {arch_of(model).name}, the model config a {arch}: "
+                "pick the matching model config or checkpoint"
+            )
+        check_matches_data(model, pretrained, **{k: kwargs[k] for k in DATA_KEYS[arch] if k in kwargs})
+    elif name and arch == "dit":
         model = create_model(name, **{k: v for k, v in kwargs.items() if k in PRESET_KEYS})
+    elif name:
+        if name not in PRESETS[arch]:
+            raise ValueError(f"unknown {arch} model {name!r}; choose one of {', '.join(PRESETS[arch])}")
+        model = PRESETS[arch][name](**kwargs)
     else:
-        model = DiT(**kwargs)
+        model = family.static(**kwargs)
     model.grad_checkpointing = grad_checkpointing
     return model
 
 
-def check_matches_data(
-    model: DiT,
-    source: str,
-    input_size: int | Sequence[int] | None = None,
-    num_classes: int | None = None,
-    in_channels: int | None = None,
-) -> None:
-    """One-line error when a pretrained model does not fit the configured data."""
-    expected = {"input_size": None if input_size is None else list(to_2tuple(input_size)),
-                "num_classes": num_classes, "in_channels": in_channels}
-    actual = {"input_size": list(model.input_size), "num_classes": model.num_classes,
-              "in_channels": model.in_channels}
-    wrong = [f"{k}={actual[k]} (data has {v})" for k, v in expected.items() if v is not None and actual[k] != v]
+def _as_list(value: Any, like: Any) -> Any:
+    """An int size broadcast to the length of ``like`` (a stored [H, W] or [F, H, W]); sequences as lists."""
+    if isinstance(like, list) and not isinstance(value, Sequence):
+        return [value] * len(like)
+    return list(value) if isinstance(value, Sequence) and not isinstance(value, str) else value
+
+
+def check_matches_data(model: nn.Module, source: str, **expected: Any) -> None:
+    """One-line error when a pretrained model does not fit the configured data (keys of its config)."""
+    actual = dict(model.config)
+    wrong = [
+        f"{key}={actual.get(key)} (data has {_as_list(value, actual.get(key))})"
+        for key, value in expected.items()
+        if value is not None and _as_list(value, actual.get(key)) != actual.get(key)
+    ]
     if wrong:
         raise ValueError(
             f"checkpoint {source} does not fit the data config: {', '.join(wrong)}; "

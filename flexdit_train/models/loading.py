@@ -3,7 +3,9 @@
 Reads the official plain state dicts (``DiT-XL-2-256x256.pt``), DiT ``train.py`` dicts
 (``{"model", "ema", "opt", "args"}``), safetensors files and this project's Lightning checkpoints
 (``model.``/``ema.`` keys plus a ``"flexdit"`` block). When no model config is stored the architecture is
-inferred from tensor shapes. Loading is strict, and every failure is one ``CheckpointError`` line.
+inferred from tensor shapes. The stored ``arch`` (:mod:`flexdit_train.models.arch`; absent = "dit") picks
+the class, so video and text DiTs load like image ones. Loading is strict, and every failure is one
+``CheckpointError`` line.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from flexdit_train.models.arch import Arch, arch_of, get_arch
 from flexdit_train.models.dit import DIT_SIZES, DiT, DiT_models
 
 log = logging.getLogger(__name__)
@@ -85,31 +88,48 @@ def from_pretrained(
     raw, meta = (path, None) if isinstance(path, Mapping) else read_checkpoint(path, map_location)
     state_dict, meta = select_weights(raw, source, prefer_ema, meta)
     model_config, flex_config = meta.get("model_config"), meta.get("flex_config")
+    arch = stored_arch(meta, source)
 
     if isinstance(model, nn.Module):
         load_strict(unwrap(model), state_dict, source)
         return model
-    if flex_config is not None:
-        # Imported lazily: only flexible checkpoints need the flexible model.
-        from flexdit_train.models.flex import FlexDiT
-
+    if arch.name != "dit":
+        if model is not None:
+            raise CheckpointError(
+                f"checkpoint {source} holds a {arch.name} with its stored config; model names are DiT presets, "
+                "pass model=None"
+            )
+        config = {**model_config, **overrides}
+    elif flex_config is not None:
         config = {**apply_preset(dict(model_config), model, source), **overrides}
-        net = FlexDiT.from_config(config, flex_config)
+    else:
+        config = resolve_config(state_dict, model_config, model, overrides, source)
+    if flex_config is not None:
+        net = build_model_of(arch, config, source, flex_config)
         load_strict(net, state_dict, source)
         if isinstance(map_location, str | torch.device):
             net.to(map_location)
         return net.eval()
 
-    config = resolve_config(state_dict, model_config, model, overrides, source)
     # Built on the meta device and filled by assignment: no random init of weights about to be replaced.
     with torch.device("meta"):
-        net = build_dit(config, source)
+        net = build_model_of(arch, config, source)
     load_strict(net, state_dict, source, assign=True)
     # Anything the state dict does not carry (a non-persistent buffer) would still be an empty meta tensor.
     left = [name for name, t in [*net.named_parameters(), *net.named_buffers()] if t.is_meta]
     if left:
-        raise RuntimeError(f"DiT tensors {left} are not in its state dict; loading cannot fill them")
+        raise RuntimeError(f"{arch.name} tensors {left} are not in its state dict; loading cannot fill them")
     return net.eval()
+
+
+def stored_arch(meta: Mapping, source: str) -> Arch:
+    """The arch a checkpoint records; files without one (official, DiT train.py, older ours) are DiTs."""
+    try:
+        return get_arch(meta.get("arch") or "dit")
+    except ValueError as err:
+        raise CheckpointError(
+            f"checkpoint {source}: {err}; it was written by a newer flexdit_train, use that release"
+        ) from None
 
 
 def infer_config(state_dict: Mapping[str, torch.Tensor], model: str | None = None, **overrides) -> dict:
@@ -180,6 +200,7 @@ def safetensors_load(path: Path, map_location) -> tuple[dict, dict | None]:
         flex = metadata.get("flexdit_flex_config")
         meta = {
             "format_version": int(metadata.get("flexdit_format_version", FORMAT_VERSION)),
+            "arch": metadata.get("flexdit_arch", "dit"),
             "model_config": json.loads(metadata["flexdit_model_config"]),
             "flex_config": json.loads(flex) if flex is not None else None,
         }
@@ -374,11 +395,14 @@ def infer_classes(rows: int, overrides: Mapping) -> tuple[int, float]:
     return num_classes, dropout
 
 
-def build_dit(config: dict, source: str) -> DiT:
+def build_model_of(arch: Arch, config: dict, source: str, flex_config: Mapping | None = None) -> nn.Module:
+    """The static network of ``arch`` from ``config`` (or its flexible one with ``flex_config``)."""
     try:
-        return DiT(**config)
+        if flex_config is None:
+            return arch.static(**config)
+        return arch.flexible.from_config(config, dict(flex_config))
     except (TypeError, ValueError) as err:
-        raise CheckpointError(f"cannot build DiT from checkpoint {source}: {one_line(err)}") from None
+        raise CheckpointError(f"cannot build {arch.name} from checkpoint {source}: {one_line(err)}") from None
 
 
 def load_strict(net: nn.Module, state_dict: Mapping, source: str, assign: bool = False) -> None:
@@ -429,6 +453,7 @@ def export_safetensors(model: nn.Module, path: str | os.PathLike) -> Path:
         raise CheckpointError(f"{type(net).__name__} has no .config dict to store; export a DiT or FlexDiT")
     metadata = {
         "flexdit_format_version": str(FORMAT_VERSION),
+        "flexdit_arch": arch_of(net).name,
         "flexdit_model_config": json.dumps(dict(config)),
     }
     flex_config = getattr(net, "flex_config", None)

@@ -11,17 +11,20 @@ import lightning as L
 import torch
 
 from flexdit_train.diffusion import create_diffusion
+from flexdit_train.models.arch import arch_of
 from flexdit_train.sampling import generate, save_grid
 
 
 class SampleGrid(L.Callback):
     """Every ``every_n_steps`` and at the end of training, sample fixed grids from the EMA weights.
 
-    Labels cycle through the classes and the noise comes from ``seed``, so grids from different steps
-    and runs are directly comparable. One grid per entry of ``budgets`` (budget config nodes as in
-    conf/budget/; flexible models show what each compute budget looks like), written by rank 0 to
-    ``<dirpath>/<budget>_step_XXXXXXX.png`` and ``<dirpath>/<budget>_final.png`` and sent to loggers that
-    take images (W&B). Every rank samples: an FSDP-sharded EMA needs all ranks in each forward.
+    Labels cycle through the classes (text models: the captions of the first samples of
+    ``prompt_shards``) and the noise comes from ``seed``, so grids from different steps and runs are
+    directly comparable. One grid per entry of ``budgets`` (budget config nodes as in conf/budget/;
+    flexible models show what each compute budget looks like), written by rank 0 to
+    ``<dirpath>/<budget>_step_XXXXXXX.png`` and ``<dirpath>/<budget>_final.png`` (videos: one row of
+    frames each) and sent to loggers that take images (W&B). Every rank samples: an FSDP-sharded EMA
+    needs all ranks in each forward.
     """
 
     def __init__(
@@ -37,6 +40,7 @@ class SampleGrid(L.Callback):
         vae: str | None = None,
         latent_scale_factor: float = 0.18215,
         seed: int = 0,
+        prompt_shards: str | None = None,
     ):
         self.dirpath = Path(dirpath)
         self.every_n_steps = every_n_steps
@@ -49,26 +53,32 @@ class SampleGrid(L.Callback):
         self.vae = vae
         self.latent_scale_factor = latent_scale_factor
         self.seed = seed
+        self.prompt_shards = prompt_shards
         self._decode = None
         self._last_grid_step = -1
 
     @torch.no_grad()
     def make_grids(self, trainer, pl_module: L.LightningModule, suffix: str) -> list[Path]:
-        from flexdit_train.sample import latent_decoder, schedule_for
+        from flexdit_train.sample import latent_decoder, schedule_for, text_condition, weak_patch_for
 
         model = pl_module.ema
         if self.vae is not None and self._decode is None:
             self._decode = latent_decoder(self.vae, self.latent_scale_factor, pl_module.device)
         diffusion = create_diffusion(self.sampling_steps, learn_sigma=model.learn_sigma)
-        labels = torch.arange(self.num_images) % model.num_classes
-        weak = max(model.patch_sizes)
+        if arch_of(model).conditioning == "text":
+            if self.prompt_shards is None:
+                raise ValueError("sample grids of a text model need captions: set callbacks.sample_grid.prompt_shards")
+            condition, _ = text_condition(model, self.num_images, prompt_shards=self.prompt_shards)
+        else:
+            condition = torch.arange(self.num_images) % model.num_classes
         paths = []
         for budget in self.budgets:
+            weak = weak_patch_for(model, budget)
             schedule, _ = schedule_for(model, budget, len(diffusion.timestep_map), self.cfg_scale != 1.0, weak)
             images = generate(
                 model,
                 diffusion,
-                labels,
+                condition,
                 self.seed,
                 range(self.num_images),
                 cond_patch_sizes=schedule.cond_patch_sizes,

@@ -2,18 +2,22 @@
 
 Both draw the patch size of every optimisation step from an RNG keyed by (seed, global step), so all
 DDP ranks agree without communication: ranks that used different patch sizes in one step would touch
-different parameter sets and DDP's gradient reduction would hang or fail.
+different parameter sets and DDP's gradient reduction would hang or fail. Patch sizes are ints or, for
+video DiTs, (pt, ph, pw) tuples (weights keys may be labels such as "2x2x2").
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flexdit_train.budget import Patch, as_patch
+from flexdit_train.models.arch import arch_of
 from flexdit_train.models.loading import from_pretrained
 from flexdit_train.training.ema import make_ema
 from flexdit_train.training.module import DiffusionModule
@@ -22,29 +26,31 @@ from flexdit_train.training.module import DiffusionModule
 class PatchSizeSampler:
     """Draws one patch size per step from a weighted list; a pure function of (seed, step)."""
 
-    def __init__(self, weights: Mapping[int, float], seed: int):
+    def __init__(self, weights: Mapping[Patch, float], seed: int):
         if not weights:
             raise ValueError("patch-size distribution is empty; give at least one size with a positive weight")
-        self.sizes = [int(p) for p in weights]
+        self.sizes = [as_patch(p) for p in weights]
         probs = np.asarray([float(w) for w in weights.values()], dtype=np.float64)
         if (probs < 0).any() or probs.sum() <= 0:
             raise ValueError(f"patch-size weights must be >= 0 and not all zero, got {dict(weights)}")
         self.probs = probs / probs.sum()
         self.seed = seed
 
-    def __call__(self, step: int) -> int:
+    def __call__(self, step: int) -> Patch:
         rng = np.random.default_rng([self.seed, int(step)])
         return self.sizes[int(rng.choice(len(self.sizes), p=self.probs))]
 
 
-def size_weights(weights: Mapping[int, float] | None, default_sizes) -> dict[int, float]:
+def size_weights(weights: Mapping[Any, float] | None, default_sizes) -> dict[Patch, float]:
     """Explicit ``{patch: weight}`` or, when None, equal weights over ``default_sizes``."""
     if weights is None:
-        return {int(p): 1.0 for p in default_sizes}
-    return {int(p): float(w) for p, w in weights.items()}
+        return {as_patch(p): 1.0 for p in default_sizes}
+    return {as_patch(p): float(w) for p, w in weights.items()}
 
 
 def check_sizes_available(model: nn.Module, sizes, what: str) -> None:
+    """One-line errors for a size the model lacks or one that does not tile its input (e.g. a temporal
+    patch 2 on an odd frame count), before the first step rather than whenever the size is drawn."""
     available = tuple(model.patch_sizes)
     missing = [p for p in sizes if p not in available]
     if missing:
@@ -52,6 +58,9 @@ def check_sizes_available(model: nn.Module, sizes, what: str) -> None:
             f"{what} uses patch sizes {missing} but the model has {list(available)}; "
             "flexify with those sizes (flex.patch_sizes) or change the distribution"
         )
+    check_divides = arch_of(model).check_divides
+    for p in sizes:
+        check_divides(tuple(model.input_size), p)
 
 
 class FlexSharedModule(DiffusionModule):
@@ -63,7 +72,7 @@ class FlexSharedModule(DiffusionModule):
         check_sizes_available(self.model, weights, "the shared objective")
         self.patch_size_sampler = PatchSizeSampler(weights, self.seed)
 
-    def patch_size_for_step(self, step: int) -> int:
+    def patch_size_for_step(self, step: int) -> Patch:
         return self.patch_size_sampler(step)
 
 
@@ -73,9 +82,10 @@ class DistillModule(DiffusionModule):
     The teacher is the same network at its native size (exact under LoRA, whose native path is the
     frozen pretrained model), a frozen snapshot of the starting network (shared mode, where the native
     path moves during training), or a separate checkpoint. The loss is the MSE between teacher and
-    student over all output channels (eps and variance), optionally plus the data diffusion loss. Labels
-    are dropped to the null class with the model's dropout rate, identically for both, so the weak model
-    also learns the unconditional prediction used by guidance.
+    student over all output channels (eps and variance), optionally plus the data diffusion loss. Both
+    see the same condition (:meth:`model_cond`: labels or caption embeddings), dropped to the null
+    class / null caption with the model's dropout rate identically for both (``force_drop_ids``), so the
+    weak model also learns the unconditional prediction used by guidance.
     """
 
     def __init__(
@@ -95,7 +105,7 @@ class DistillModule(DiffusionModule):
             raise ValueError(f"distillation trains weak sizes only; remove the native size {native} from the weights")
         self.patch_size_sampler = PatchSizeSampler(weights, self.seed)
         self.data_loss_weight = data_loss_weight
-        self.label_dropout = float(self.model.config["class_dropout_prob"])
+        self.label_dropout = float(self.model.config[self.arch.dropout_key])
         self.teacher_source = teacher
         self.teacher = self.build_teacher(teacher)
 
@@ -112,32 +122,30 @@ class DistillModule(DiffusionModule):
             return make_ema(self.model)
         return make_ema(from_pretrained(teacher))
 
-    def patch_size_for_step(self, step: int) -> int:
+    def patch_size_for_step(self, step: int) -> Patch:
         return self.patch_size_sampler(step)
 
     def frozen_networks(self) -> list[nn.Module]:
         return [self.ema] if self.teacher is None else [self.ema, self.teacher]
 
-    def compute_losses(self, batch: dict, patch_size: int | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        x0, y = batch["x"], batch["y"]
+    def compute_losses(self, batch: dict, patch_size: Patch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x0 = batch["x"]  # (N, C, H, W) or video (N, C, F, H, W)
         n = x0.shape[0]
         t = self.diffusion.sample_timesteps(n, x0.device)  # (N,) indices into the (possibly respaced) process
         noise = torch.randn_like(x0)
-        x_t = self.diffusion.q_sample(x0, t, noise=noise)  # (N, C, H, W)
+        x_t = self.diffusion.q_sample(x0, t, noise=noise)  # like x0
         t_model = self.diffusion.timestep_map.to(t.device)[t]  # (N,) the original timesteps the net knows
-        drop = (torch.rand(n, device=x0.device) < self.label_dropout).long()  # (N,) 1 = null class
-        native = self.model.native_patch_size
+        drop = (torch.rand(n, device=x0.device) < self.label_dropout).long()  # (N,) 1 = null condition
+        cond = {**self.model_cond(batch, None), "force_drop_ids": drop}
+        teacher = self.model if self.teacher is None else self.teacher
         with torch.no_grad():
-            if self.teacher is None:
-                target = self.model(x_t, t_model, y, patch_size=native, force_drop_ids=drop)
-            else:
-                target = self.teacher(x_t, t_model, y, patch_size=native, force_drop_ids=drop)
-        student = self.model(x_t, t_model, y, patch_size=patch_size, force_drop_ids=drop)  # (N, C_out, H, W)
+            target = teacher(x_t, t_model, **cond, patch_size=self.model.native_patch_size)  # (N, C_out, ...)
+        student = self.model(x_t, t_model, **cond, patch_size=patch_size)  # (N, C_out, ...)
         distill = F.mse_loss(student, target, reduction="none").flatten(1).mean(1)  # (N,)
         terms = {"distill": distill, "loss": distill}
         if self.data_loss_weight > 0:
             data = self.diffusion.training_losses(
-                self.model, x0, t, cond={"y": y, "patch_size": patch_size, "force_drop_ids": drop}, noise=noise
+                self.model, x0, t, cond={**cond, "patch_size": patch_size}, noise=noise
             )
             terms["data"] = data["loss"]
             terms["loss"] = distill + self.data_loss_weight * data["loss"]

@@ -19,7 +19,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from flexdit_train.flops import training_step_flops
+from flexdit_train.budget import patch_label
+from flexdit_train.flops_video import model_cost
+from flexdit_train.models.arch import arch_of
 from flexdit_train.training.ema import make_ema, update_ema
 
 CHECKPOINT_FORMAT_VERSION = 1
@@ -65,7 +67,11 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
 
 
 class DiffusionModule(L.LightningModule):
-    """Trains ``model`` with ``diffusion.training_losses`` at the model's native patch size."""
+    """Trains ``model`` with ``diffusion.training_losses`` at the model's native patch size.
+
+    Image, video and text DiTs train alike; :meth:`model_cond` turns a batch into the network's condition
+    (class labels, or caption embeddings and their mask).
+    """
 
     def __init__(
         self,
@@ -80,6 +86,7 @@ class DiffusionModule(L.LightningModule):
     ):
         super().__init__()
         self.model = model
+        self.arch = arch_of(model)
         self.ema = make_ema(model)
         self.diffusion = diffusion
         self.optimizer_factory = optimizer
@@ -96,17 +103,24 @@ class DiffusionModule(L.LightningModule):
         self._restored_rng: dict | None = None
 
     # ----------------------------------------------------------------------------- training
-    def patch_size_for_step(self, step: int) -> int | None:
+    def patch_size_for_step(self, step: int) -> Any:
         """Patch size of this optimisation step; the static objective always uses the native one."""
         return None
 
-    def model_cond(self, batch: dict, patch_size: int | None) -> dict[str, Any]:
-        cond: dict[str, Any] = {"y": batch["y"]}
+    def model_cond(self, batch: dict, patch_size: Any) -> dict[str, Any]:
+        """Model kwargs of a batch: ``y`` for class-conditional archs, ``text_emb``/``text_mask`` for text.
+
+        Missing caption embeddings go to the model as None, so its own one-line error names what it needs.
+        """
+        if self.arch.conditioning == "text":
+            cond: dict[str, Any] = {"text_emb": batch.get("text_emb"), "text_mask": batch.get("text_mask")}
+        else:
+            cond = {"y": batch["y"]}
         if patch_size is not None:
             cond["patch_size"] = patch_size
         return cond
 
-    def compute_losses(self, batch: dict, patch_size: int | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def compute_losses(self, batch: dict, patch_size: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-sample losses (N,) and their timesteps (N,) for one batch."""
         x0 = batch["x"]
         t = self.diffusion.sample_timesteps(x0.shape[0], x0.device)  # (N,)
@@ -127,17 +141,18 @@ class DiffusionModule(L.LightningModule):
         self.log_loss_breakdown(terms["loss"].detach(), t, patch_size)
         return loss
 
-    def step_flops(self, x: torch.Tensor, patch_size: int | None) -> float:
-        """Analytic fwd+bwd hardware FLOPs of one step on this rank (3x forward, DiT's convention)."""
+    def step_flops(self, x: torch.Tensor, patch_size: Any) -> float:
+        """Analytic fwd+bwd hardware FLOPs of one step on this rank (3x forward, DiT's convention).
+
+        The arch's cost model (:func:`flexdit_train.flops_video.model_cost`) counts unmerged LoRA on weak
+        patches only; hardware FLOPs are 2x MACs.
+        """
         flex = getattr(self.model, "flex_config", None) or {}
-        weak = patch_size not in (None, self.model.native_patch_size)
-        lora_rank = flex.get("lora_rank", 0) if flex.get("mode") == "lora" and weak else 0
-        return float(
-            training_step_flops(
-                self.model, latent_hw=tuple(x.shape[-2:]), patch_size=patch_size, batch_size=x.shape[0],
-                lora_rank=lora_rank,
-            )
-        )
+        lora_rank = flex.get("lora_rank", 0) if flex.get("mode") == "lora" else 0
+        latent = tuple(x.shape[2:])  # (H, W) or (F, H, W)
+        cost = model_cost(self.model, latent, lora_rank)
+        patch = self.model.native_patch_size if patch_size is None else patch_size
+        return float(3 * 2 * x.shape[0] * cost(patch))
 
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
@@ -147,7 +162,7 @@ class DiffusionModule(L.LightningModule):
                 total = total.full_tensor()
             self.log("train/grad_norm", total, rank_zero_only=True)
 
-    def log_loss_breakdown(self, per_sample_loss: torch.Tensor, t: torch.Tensor, patch_size: int | None) -> None:
+    def log_loss_breakdown(self, per_sample_loss: torch.Tensor, t: torch.Tensor, patch_size: Any) -> None:
         """Loss per timestep quartile (q0 = least noisy) and per patch size, from rank 0's batch.
 
         Rank-0-only on purpose: quartiles missing from one rank's batch would desynchronise an
@@ -158,8 +173,8 @@ class DiffusionModule(L.LightningModule):
             mask = quartile == q
             if mask.any():
                 self.log(f"train/loss_q{q}", per_sample_loss[mask].mean(), rank_zero_only=True)
-        p = patch_size or self.model.native_patch_size
-        self.log(f"train/loss_p{p}", per_sample_loss.mean(), rank_zero_only=True)
+        p = self.model.native_patch_size if patch_size is None else patch_size
+        self.log(f"train/loss_p{patch_label(p)}", per_sample_loss.mean(), rank_zero_only=True)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         # Once per optimizer step (global_step advances only when the optimizer stepped).
@@ -215,6 +230,7 @@ class DiffusionModule(L.LightningModule):
         # Plain containers only, so the file loads with torch.load(weights_only=True).
         checkpoint["flexdit"] = {
             "format_version": CHECKPOINT_FORMAT_VERSION,
+            "arch": self.arch.name,
             "model_config": dict(self.model.config),
             "flex_config": getattr(self.model, "flex_config", None),
             "config": self.run_config,
