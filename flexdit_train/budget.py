@@ -156,6 +156,17 @@ class BudgetSchedule:
             name=data.get("name", "custom"),
         )
 
+    @property
+    def order(self) -> str:
+        """Where the weak steps sit: "static" (none), "weak_first" (the paper's schedules), "weak_last"
+        (the Fig. 19 ablation) or "mixed", judged over both branches."""
+        orders = {
+            _order([p != self.native_patch for p in branch])
+            for branch in (self.cond_patch_sizes, self.guidance_patch_sizes)
+            if branch is not None
+        } - {"static"}
+        return orders.pop() if len(orders) == 1 else ("static" if not orders else "mixed")
+
     def describe(self) -> str:
         """One line, e.g. ``130/130: 250 steps, native p2; cond p4x120 -> p2x130; guidance ...``."""
         guidance = "off" if self.guidance_patch_sizes is None else _runs(self.guidance_patch_sizes)
@@ -163,6 +174,14 @@ class BudgetSchedule:
             f"{self.name}: {self.num_steps} steps, native {_patch_name(self.native_patch)}; "
             f"cond {_runs(self.cond_patch_sizes)}; guidance {guidance}"
         )
+
+
+def _order(weak: list[bool]) -> str:
+    if not any(weak):
+        return "static"
+    if weak == sorted(weak, reverse=True):
+        return "weak_first"
+    return "weak_last" if weak == sorted(weak) else "mixed"
 
 
 def _dims(patch: Patch) -> tuple[int, ...]:
@@ -255,12 +274,14 @@ def for_target(
     cost: Cost,
     cfg: bool = True,
     name: str | None = None,
+    weak_first: bool = True,
 ) -> BudgetSchedule:
     """Weak-first schedule x/x with the FEWEST powerful steps whose compute fraction reaches the target.
 
     The schedule therefore never spends less than the target: its fraction lies in
     ``[target, target + (1 - r) / T)`` (r = cost(weak) / cost(native)), within one step's granularity
     above it. Both branches get the same x, as in the paper's 130/130 and 70/70 schedules.
+    ``weak_first=False`` gives the weak-last ablation with the same x, hence exactly the same compute.
     """
     num_steps = _check_steps(num_steps)
     if not 0.0 < compute_fraction <= 1.0:
@@ -275,8 +296,8 @@ def for_target(
         )
 
     def schedule(x: int) -> BudgetSchedule:
-        return from_powerful_steps(
-            num_steps, native_patch, weak_patch, x, cfg=cfg, name=name or f"target {compute_fraction:g}"
+        return _two_patch(
+            num_steps, native_patch, weak_patch, x, None, cfg, weak_first, name or f"target {compute_fraction:g}"
         )
 
     floor = schedule(0).compute_fraction(cost)
@@ -339,7 +360,7 @@ BUDGET_MODES: dict[str, tuple[str, ...]] = {
     "powerful_steps": ("powerful_steps", "powerful_steps_guidance"),
     "powerful_fraction": ("powerful_fraction", "powerful_fraction_guidance"),
     "weak_last": ("powerful_fraction", "powerful_fraction_guidance"),
-    "target": ("compute_fraction",),
+    "target": ("compute_fraction", "weak_first"),
 }
 
 
@@ -357,8 +378,8 @@ def build_schedule(
     Modes: ``static``; ``powerful_steps`` (x, y as step counts); ``powerful_fraction`` (x, y as
     fractions of T, rounded half up, so presets work for any T); ``weak_last`` (same fractions,
     powerful steps first); ``target`` (``compute_fraction`` solved with ``cost``, see
-    :func:`for_target`). A missing guidance parameter means "same as the conditional one"; guidance
-    parameters are ignored without CFG. ``weak_patch`` in the node (e.g. [2, 2, 2], a video DiT's weak
+    :func:`for_target`; ``weak_first: false`` puts the same powerful steps first). A missing guidance
+    parameter means "same as the conditional one"; guidance parameters are ignored without CFG. ``weak_patch`` in the node (e.g. [2, 2, 2], a video DiT's weak
     temporal patch) replaces the sampler's weak patch, so a preset can pick one of several weak modes.
     """
     node = dict(budget_cfg)
@@ -387,7 +408,10 @@ def build_schedule(
                     "budget.mode='target' needs a cost model (flexdit_train.flops.cost_model) to solve for"
                 )
             fraction = _required(node, "compute_fraction", mode)
-            schedule = for_target(fraction, num_steps, native_patch, weak_patch, cost, cfg, name)
+            weak_first = node.get("weak_first", True)
+            if not isinstance(weak_first, bool):
+                raise ValueError(f"budget.weak_first must be true or false, got {weak_first!r}")
+            schedule = for_target(fraction, num_steps, native_patch, weak_patch, cost, cfg, name, weak_first)
         elif mode == "powerful_steps":
             x = _required(node, "powerful_steps", mode)
             schedule = from_powerful_steps(

@@ -5,8 +5,9 @@
 Stages, each the command a user would type, run in one run directory:
 1. ``python -m flexdit_train +experiment=mnist_pretrain``: a tiny static class-conditional DiT (patch 4);
 2. ``python -m flexdit_train +experiment=mnist_flex``: flexify it (weak patch 8, ~1/4 of the compute);
-3. ``python -m flexdit_train.evaluate``: the static model at 100% and the flexible one at each budget,
-   scored with the MNIST-classifier FID and label accuracy;
+3. ``python -m flexdit_train.evaluate``: the static model at 100% and the flexible one at each budget
+   (weak steps first; with ``weak_last_budgets`` also weak steps last at the same compute), scored
+   with the MNIST-classifier FID and label accuracy;
 then ``report.md`` and ``fid_vs_compute.png`` in the run directory. Rerunning with the same ``run_name``
 resumes: finished training stages are not repeated.
 """
@@ -47,7 +48,8 @@ def write_report(run_dir: Path, static_ckpt: Path, flex_ckpt: Path) -> Path:
     """report.md: one row per (model, budget), FID relative to the static model at full compute."""
     rows = read_table(run_dir / "results.csv")
     static = [r for r in rows if Path(str(r["checkpoint"])) == static_ckpt]
-    flex = sorted((r for r in rows if Path(str(r["checkpoint"])) == flex_ckpt), key=lambda r: -r["compute_fraction"])
+    flex = sorted((r for r in rows if Path(str(r["checkpoint"])) == flex_ckpt),
+                  key=lambda r: (r.get("order") == "weak_last", -r["compute_fraction"]))
     if not static or not flex:
         raise RuntimeError(f"results in {run_dir / 'results.csv'} lack the static or the flexible model")
     fid = fid_key(static[0])
@@ -59,12 +61,13 @@ def write_report(run_dir: Path, static_ckpt: Path, flex_ckpt: Path) -> Path:
         "space of an MNIST classifier (lower is better) and the accuracy of generated digits against their labels, "
         f"{static[0]['sampling_steps']} steps, CFG {static[0]['cfg_scale']}.",
         "",
-        f"| model | budget | compute | GMAC/image | {fid} | vs static 100% | label accuracy |",
-        "|---|---|---|---|---|---|---|",
+        f"| model | budget | weak steps | compute | GMAC/image | {fid} | vs static 100% | label accuracy |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for kind, row in [("static", static[0]), *(("flexible", r) for r in flex)]:
+        order = str(row.get("order") or "").replace("_", " ").replace("static", "none")
         lines.append(
-            f"| {kind} | {row['budget']} | {row['compute_fraction']:.1%} | {row['gmacs_per_image']:.2f} | "
+            f"| {kind} | {row['budget']} | {order} | {row['compute_fraction']:.1%} | {row['gmacs_per_image']:.2f} | "
             f"{row[fid]:.3f} | {row[fid] / base - 1:+.1%} | {row.get('mnist_accuracy', float('nan')):.3f} |"
         )
     lines += ["", "![FID vs compute](fid_vs_compute.png)", "", f"Checkpoints: `{static_ckpt}`, `{flex_ckpt}`."]
@@ -86,10 +89,13 @@ def main(cfg: DictConfig) -> None:
     run_stage("evaluate static", "flexdit_train.evaluate",
               [*evaluate, f"checkpoint={static_ckpt}", "budget=static", f"hydra.run.dir={run_dir / 'eval_static'}"],
               cfg.threads)
-    fractions = ",".join(str(f) for f in cfg.budgets)
-    run_stage("evaluate budgets", "flexdit_train.evaluate",
-              ["-m", *evaluate, f"checkpoint={flex_ckpt}", "budget=target", f"budget.compute_fraction={fractions}",
-               f"hydra.sweep.dir={run_dir / 'eval_flex'}"], cfg.threads)
+    for budget, fractions, sweep_dir in [("target", cfg.budgets, "eval_flex"),
+                                         ("target_weak_last", cfg.weak_last_budgets, "eval_flex_weak_last")]:
+        if fractions:
+            run_stage(f"evaluate {budget}", "flexdit_train.evaluate",
+                      ["-m", *evaluate, f"checkpoint={flex_ckpt}", f"budget={budget}",
+                       f"budget.compute_fraction={','.join(str(f) for f in fractions)}",
+                       f"hydra.sweep.dir={run_dir / sweep_dir}"], cfg.threads)
     report = write_report(run_dir, static_ckpt, flex_ckpt)
     print(report.read_text())
     print(f"report: {report}\nplot: {run_dir / 'fid_vs_compute.png'}\nrun directory: {run_dir}")

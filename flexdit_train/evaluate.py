@@ -145,6 +145,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any] | None:
         "latent_scale_factor": float(ev.latent_scale_factor),
         "schedule": schedule.to_dict(),
         "schedule_summary": schedule.describe(),
+        "schedule_order": schedule.order,
         "compute_fraction": schedule.compute_fraction(cost),
         "gmacs_per_image": schedule.macs(cost) / 1e9,
         "nfe": {branch: {str(p): n for p, n in counts.items()} for branch, counts in schedule.nfe().items()},

@@ -111,11 +111,12 @@ def prepare_sampler(
     model = from_pretrained(checkpoint, prefer_ema=use_ema).to(device).eval()
     weak = weak_patch_for(model, budget, weak_patch_size)
     lora_merged = bool(merge_lora) and (getattr(model, "flex_config", None) or {}).get("mode") == "lora"
-    if lora_merged and weak != model.native_patch_size:
-        model.merge_lora(weak)  # after .to(device): merged copies do not follow moves
     diffusion = create_diffusion(str(sampling_steps), learn_sigma=model.learn_sigma)
     cfg_scale = float(cfg_scale)
     schedule, cost = schedule_for(model, budget, len(diffusion.timestep_map), cfg_scale != 1.0, weak, lora_merged)
+    # Merged adapters are a second copy of the block weights: only worth it when weak steps run.
+    if lora_merged and weak != model.native_patch_size and weak in schedule.patch_sizes:
+        model.merge_lora(weak)  # after .to(device): merged copies do not follow moves
     weak_scale = float(weak_guidance) if weak_guidance is not None else weak_guidance_scale(cfg_scale)
     decode = None if vae is None else latent_decoder(vae, latent_scale_factor, device)
     return Sampler(model, diffusion, schedule, cost, cfg_scale, weak_scale, decode)

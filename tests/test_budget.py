@@ -98,7 +98,7 @@ def test_every_preset_builds(path, steps):
     node = OmegaConf.load(path)
     # Presets are named after their file; `target` after its fraction too, so sweeps over
     # budget.compute_fraction get one result row per fraction.
-    expected = "target_0.6" if path.stem == "target" else path.stem
+    expected = f"{path.stem}_0.6" if node.mode == "target" else path.stem
     assert node.name == expected
     s = build_schedule(node, steps, native_patch=2, weak_patch=4, cost=XL_COST, available_patch_sizes=[2, 4])
     assert s.num_steps == steps and s.cfg and s.name == expected
@@ -114,6 +114,20 @@ def test_preset_layouts():
     assert load("paper_30_0", 50).nfe() == {"cond": {2: 6, 4: 44}, "guidance": {4: 50}}
     assert load("weak_last_50", 50).cond_patch_sizes == (2,) * 25 + (4,) * 25
     assert load("target", 250).compute_fraction(XL_COST) == pytest.approx(0.6, abs=(1 - 0.245) / 250)
+
+
+def test_target_weak_last_spends_the_same_powerful_steps_first():
+    first = build_schedule(OmegaConf.load(BUDGET_DIR / "target.yaml"), 250, 2, 4, XL_COST)
+    last = build_schedule(OmegaConf.load(BUDGET_DIR / "target_weak_last.yaml"), 250, 2, 4, XL_COST)
+    assert last.cond_patch_sizes == first.cond_patch_sizes[::-1]
+    assert last.guidance_patch_sizes == first.guidance_patch_sizes[::-1]
+    assert last.compute_fraction(XL_COST) == first.compute_fraction(XL_COST)
+    assert last.cond_patch_sizes[0] == 2 and last.cond_patch_sizes[-1] == 4
+    assert (first.order, last.order) == ("weak_first", "weak_last")
+    assert static(10, 2).order == "static" and from_powerful_steps(10, 2, 4, 10, 0).order == "weak_first"
+    assert BudgetSchedule((4, 2, 4), None, 2).order == "mixed"
+    with pytest.raises(ValueError, match="weak_first must be true or false"):
+        build_schedule({"mode": "target", "compute_fraction": 0.6, "weak_first": "no"}, 50, 2, 4, XL_COST)
 
 
 def test_build_schedule_overrides_and_errors():

@@ -315,7 +315,8 @@ def test_eval_presets_compose_with_every_sampling_knob(preset):
 
 def test_results_table_upserts_rows_and_redraws_the_plot(tmp_path):
     def row(budget, fraction, fid, checkpoint="a.pt"):
-        return {"checkpoint": checkpoint, "budget": budget, "preset": "mnist", "compute_fraction": fraction,
+        order = "static" if fraction == 1.0 else "weak_first"
+        return {"checkpoint": checkpoint, "budget": budget, "preset": "mnist", "order": order, "compute_fraction": fraction,
                 "gmacs_per_image": 1.0, "nfe": 20, "num_samples": 500, "sampling_steps": "ddim10",
                 "cfg_scale": 1.5, "seed": 0, "fid500": fid, "card": "x/eval.json"}
 
@@ -328,7 +329,7 @@ def test_results_table_upserts_rows_and_redraws_the_plot(tmp_path):
         ("a.pt", "static", 3.0), ("a.pt", "paper_70_70", 3.4), ("b.pt", "static", 9.0)]
     assert rows[0]["kid"] == "" and rows[2]["kid"] == 0.1
     markdown = paths["markdown"].read_text().splitlines()
-    assert len(markdown) == 2 + 3 and "| a.pt | paper_70_70 | mnist | 46.0% |" in markdown[3]
+    assert len(markdown) == 2 + 3 and "| a.pt | paper_70_70 | mnist | weak_first | 46.0% |" in markdown[3]
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -475,6 +476,7 @@ def test_sweep_over_two_budgets_writes_two_rows_a_plot_and_wandb_runs(sweep):
     sweep_dir, _ = sweep
     rows = read_table(sweep_dir / "results.csv")
     assert [r["budget"] for r in rows] == ["static", "paper_70_70"]
+    assert [r["order"] for r in rows] == ["static", "weak_first"]
     assert rows[0]["compute_fraction"] == pytest.approx(1.0) and rows[1]["compute_fraction"] < 0.6
     for r in rows:
         assert r["preset"] == "mnist" and r["num_samples"] == 40

@@ -217,3 +217,12 @@ def test_one_line_errors(emb_shape, mask_shape, patch, message):
     with pytest.raises(ValueError) as err:
         flex(x, t, emb, mask, patch_size=patch)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_video_latents_are_refused_in_one_line():
+    _, flex = flex_pair("lora")
+    _, t, emb, mask = inputs()
+    with pytest.raises(ValueError) as err:
+        flex(torch.randn(2, 4, 3, 8, 8), t, emb, mask)
+    assert "takes image latents (N, C, H, W), got shape (2, 4, 3, 8, 8)" in str(err.value)
+    assert "\n" not in str(err.value)

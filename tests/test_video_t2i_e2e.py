@@ -21,7 +21,7 @@ from flexdit_train.budget import BudgetSchedule, build_schedule
 from flexdit_train.data.captions import CaptionEmbeddingsWdsDataModule
 from flexdit_train.data.media import TEXT_EMB_FIELD, TEXT_MASK_FIELD, encode_mp4, read_frames, video_info
 from flexdit_train.data.stream import WorkerStats, read_shards
-from flexdit_train.data.text import TextEncoder
+from flexdit_train.data.text import TextEncoder, encode_text_shards
 from flexdit_train.diffusion import create_diffusion
 from flexdit_train.flops_video import text_cost_model, video_cost_model, video_forward_macs
 from flexdit_train.models import TextDiT, VideoDiT, export_safetensors, flexify_text, from_pretrained
@@ -182,7 +182,15 @@ def test_text_embeddings_keep_the_samples_add_states_and_resume(embedded, captio
     assert [p.stat().st_mtime_ns for p in shards] == stamps
     with pytest.raises(ValueError) as err:
         shards_main([*argv[:-1], "16"])
-    assert "encoded with --max-length 8" in one_line(err)
+    assert f"encoded with encoder {tiny_encoder.name!r} and --max-length 8" in one_line(err)
+
+
+def test_an_embedded_set_re_encodes_with_another_length(embedded, tmp_path, tiny_encoder):
+    index = encode_text_shards(embedded, tmp_path / "again", encoder=tiny_encoder, max_length=TEXT_LEN + 4,
+                               log=lambda *_: None)
+    assert (index["total"], index["text_len"], index["kind"]) == (4, TEXT_LEN + 4, "image")
+    for sample in samples(tmp_path / "again" / "train.json"):
+        assert np.load(io.BytesIO(sample[TEXT_EMB_FIELD])).shape == (TEXT_LEN + 4, TEXT_WIDTH)
 
 
 def datamodule(shards: Path) -> CaptionEmbeddingsWdsDataModule:

@@ -132,7 +132,7 @@ def encode_text_shards(
     for url, target in zip(source.urls, outs):
         progress = progress_path(target)
         if progress.exists() and os.path.exists(target):
-            records[url] = json_record(progress, max_length, out)
+            records[url] = json_record(progress, Path(encoder).name, max_length, out)
         else:
             todo.append((url, target))
     log(f"encoding captions of {len(todo)} of {len(outs)} shards ({len(outs) - len(todo)} already done) into {out}")
@@ -142,20 +142,23 @@ def encode_text_shards(
             records[url] = encode_text_shard(url, target, text_encoder, max_length, batch_size)
             log(f"  {Path(target).name}: {records[url]['count']} samples")
     ordered = [records[u] for u in source.urls]
-    inherited = {k: v for k, v in source.meta.items() if k not in ("total", "prefix")}
+    # Re-encoding an embedded set (another encoder or length) replaces its text fields, never duplicates them.
+    replaced = ("total", "prefix", "text_encoder", "text_len", "text_channels")
+    inherited = {k: v for k, v in source.meta.items() if k not in replaced}
     return write_index(
         out / f"{prefix}.json", [(r["out"], r["count"]) for r in ordered], **inherited, prefix=prefix,
         text_encoder=ordered[0]["encoder"], text_len=max_length, text_channels=ordered[0]["text_channels"],
     )
 
 
-def json_record(progress: Path, max_length: int, out: Path) -> dict:
-    """A finished shard's record; one-line error when it was encoded with another token length."""
+def json_record(progress: Path, encoder_name: str, max_length: int, out: Path) -> dict:
+    """A finished shard's record; one-line error when it was encoded with another encoder or token length
+    (a resumed set must not mix embeddings of two encoders)."""
     record = json.loads(progress.read_text())
-    if record["text_len"] != max_length:
+    if (record["encoder"], record["text_len"]) != (encoder_name, max_length):
         raise ValueError(
-            f"{out} holds shards encoded with --max-length {record['text_len']}: rerun with that value, "
-            "or write into a new OUT"
+            f"{out} holds shards encoded with encoder {record['encoder']!r} and --max-length {record['text_len']}: "
+            "rerun with those, or write into a new OUT"
         )
     return record
 

@@ -10,7 +10,7 @@ from pathlib import Path
 CARD_KEYS = (
     "checkpoint", "preset", "budget", "sampling_steps", "num_steps", "sampler", "cfg_scale", "guidance",
     "weak_guidance_scale", "guide_all_channels", "vae", "latent_scale_factor", "schedule", "schedule_summary",
-    "compute_fraction", "gmacs_per_image", "nfe", "num_samples", "seed", "seeds", "precision",
+    "schedule_order", "compute_fraction", "gmacs_per_image", "nfe", "num_samples", "seed", "seeds", "precision",
     "metric_backend", "reference", "metrics", "skipped",
 )
 

@@ -17,8 +17,8 @@ log = logging.getLogger(__name__)
 
 TABLE_CSV, TABLE_MD, PLOT_PNG = "results.csv", "results.md", "fid_vs_compute.png"
 KEY_COLUMNS = ("checkpoint", "budget", "preset")
-BASE_COLUMNS = (*KEY_COLUMNS, "compute_fraction", "gmacs_per_image", "nfe", "num_samples", "sampling_steps",
-                "cfg_scale", "seed")
+BASE_COLUMNS = (*KEY_COLUMNS, "order", "compute_fraction", "gmacs_per_image", "nfe", "num_samples",
+                "sampling_steps", "cfg_scale", "seed")
 FID_COLUMN = re.compile(r"^fid\d")
 
 
@@ -27,7 +27,7 @@ def table_row(card: Mapping, card_path: str | os.PathLike) -> dict:
     nfe = sum(n for branch in card["nfe"].values() for n in branch.values())
     row = {
         "checkpoint": card["checkpoint"], "budget": card["budget"], "preset": card["preset"],
-        "compute_fraction": card["compute_fraction"], "gmacs_per_image": card["gmacs_per_image"], "nfe": nfe,
+        "order": card.get("schedule_order", ""), "compute_fraction": card["compute_fraction"], "gmacs_per_image": card["gmacs_per_image"], "nfe": nfe,
         "num_samples": card["num_samples"], "sampling_steps": card["sampling_steps"],
         "cfg_scale": card["cfg_scale"], "seed": card["seed"],
     }
@@ -105,25 +105,37 @@ def markdown_table(rows: list[Mapping], columns: list[str]) -> str:
 
 
 def plot_fid_vs_compute(rows: list[Mapping], path: str | os.PathLike) -> Path | None:
-    """FID against compute (% of static FLOPs), one line per (checkpoint, preset, FID-n); None without FIDs."""
+    """FID against compute (% of static FLOPs), one line per (checkpoint, preset, schedule order, FID-n);
+    a checkpoint's static (100%) point starts each of its lines. None without FIDs."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on clusters
     import matplotlib.pyplot as plt
 
-    series: dict[tuple[str, str, str], list[tuple[float, float, str]]] = {}
+    series: dict[tuple[str, str, str, str], list[tuple[float, float, str]]] = {}
+    static_points: dict[tuple[str, str, str], list[tuple[float, float, str]]] = {}
     for r in rows:
         for column, value in r.items():
             if FID_COLUMN.match(column) and isinstance(value, int | float):
-                key = (Path(str(r["checkpoint"])).name, str(r["preset"]), column)
-                series.setdefault(key, []).append((100 * float(r["compute_fraction"]), float(value), str(r["budget"])))
+                base = (Path(str(r["checkpoint"])).name, str(r["preset"]), column)
+                point = (100 * float(r["compute_fraction"]), float(value), str(r["budget"]))
+                order = str(r.get("order") or "")
+                if order == "static":
+                    static_points.setdefault(base, []).append(point)
+                else:
+                    series.setdefault((*base, order), []).append(point)
+    for base, points in static_points.items():
+        lines = [key for key in series if key[:3] == base] or [(*base, "static")]
+        for key in lines:
+            series.setdefault(key, []).extend(points)
     if not series:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for (checkpoint, preset, fid_name), points in sorted(series.items()):
+    for (checkpoint, preset, fid_name, order), points in sorted(series.items()):
         points.sort()
         xs, ys, names = zip(*points)
-        ax.plot(xs, ys, marker="o", label=f"{checkpoint} / {preset} ({fid_name})")
+        label = f"{checkpoint} / {preset}" + (f" / {order.replace('_', '-')}" if order else "") + f" ({fid_name})"
+        ax.plot(xs, ys, marker="o", label=label)
         for x, y, name in points:
             ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xlabel("compute (% of static-sampling FLOPs)")

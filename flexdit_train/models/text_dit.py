@@ -295,6 +295,11 @@ class TextDiT(PatchModel):
         ``patch_size`` None = native; ``force_drop_ids`` (N,) replaces the random caption dropout (1 = null).
         A mask row with no True entry gives NaN (softmax over nothing); encoders always emit >= 1 token.
         """
+        if x.dim() != 4:
+            raise ValueError(
+                f"{type(self).__name__} takes image latents (N, C, H, W), got shape {tuple(x.shape)}; "
+                "video latents need the video DiT (model=video_dit_s_2)"
+            )
         p = self.check_patch_size(patch_size, x.shape[-2:])
         text_emb, text_mask = self.check_text(text_emb, text_mask, x.shape[0])
         grid = (x.shape[-2] // p, x.shape[-1] // p)
