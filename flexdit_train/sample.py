@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from flexdit_train import CONF_DIR
 from flexdit_train.budget import BudgetSchedule, Patch, as_patch, build_schedule, patch_label
-from flexdit_train.diffusion import create_diffusion
+from flexdit_train.diffusion import sampling_diffusion
 from flexdit_train.flops_video import model_cost
 from flexdit_train.models.arch import arch_of
 from flexdit_train.models.loading import from_pretrained
@@ -111,7 +111,7 @@ def prepare_sampler(
     model = from_pretrained(checkpoint, prefer_ema=use_ema).to(device).eval()
     weak = weak_patch_for(model, budget, weak_patch_size)
     lora_merged = bool(merge_lora) and (getattr(model, "flex_config", None) or {}).get("mode") == "lora"
-    diffusion = create_diffusion(str(sampling_steps), learn_sigma=model.learn_sigma)
+    diffusion = sampling_diffusion(getattr(model, "diffusion_process", None), str(sampling_steps), model.learn_sigma)
     cfg_scale = float(cfg_scale)
     schedule, cost = schedule_for(model, budget, len(diffusion.timestep_map), cfg_scale != 1.0, weak, lora_merged)
     # Merged adapters are a second copy of the block weights: only worth it when weak steps run.

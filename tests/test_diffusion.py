@@ -9,12 +9,15 @@ import pytest
 import torch
 
 from flexdit_train.diffusion import (
+    DIT_PROCESS,
     GaussianDiffusion,
     LossType,
     ModelVarType,
     cfg_model_fn,
     create_diffusion,
     get_named_beta_schedule,
+    process_differences,
+    sampling_diffusion,
     space_timesteps,
 )
 from flexdit_train.models.dit import DiT
@@ -500,3 +503,70 @@ def test_cfg_model_fn_combines_branches(guide_all_channels):
     expected = uncond[:, :n_guided] + 4.0 * (cond[:, :n_guided] - uncond[:, :n_guided])
     torch.testing.assert_close(guided[:, :n_guided], expected, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(guided[:, n_guided:], cond[:, n_guided:], rtol=1e-5, atol=1e-5)
+
+
+############################################################################
+#            Other predictions and the recorded forward process             #
+############################################################################
+
+
+def _oracle_model(diffusion: GaussianDiffusion, x0: torch.Tensor, noise: torch.Tensor, prediction: str):
+    """Returns the exact target of ``prediction`` for x_t = q_sample(x0, t, noise), plus a variance value 0."""
+
+    def model(x_t, t):
+        abar = torch.from_numpy(diffusion.alphas_cumprod).float()[t].reshape(-1, 1, 1, 1)
+        target = {"epsilon": noise, "x0": x0, "v": abar.sqrt() * noise - (1 - abar).sqrt() * x0}[prediction]
+        return torch.cat([target, torch.zeros_like(target)], dim=1)
+
+    return model
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "x0", "v"])
+def test_every_prediction_recovers_x0_and_has_zero_loss_at_the_exact_target(prediction):
+    diffusion = create_diffusion("", prediction=prediction)
+    gen = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(4, 4, 8, 8, generator=gen), torch.randn(4, 4, 8, 8, generator=gen)
+    t = torch.tensor([0, 10, 500, 999])
+    model = _oracle_model(diffusion, x0, noise, prediction)
+    assert diffusion.training_losses(model, x0, t, noise=noise)["mse"].max().item() < 1e-10
+    x_t = diffusion.q_sample(x0, t, noise)
+    out = diffusion.p_mean_variance(model(x_t, t), x_t, t)
+    # eps-prediction loses precision at t = 999 (x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar), 1/sqrt(abar) ~ 200).
+    torch.testing.assert_close(out["pred_xstart"], x0, atol=2e-3 if prediction == "epsilon" else 1e-5, rtol=0)
+
+
+def test_v_prediction_samples_gaussian_data():
+    """The exact v of x_0 ~ N(0.5, 0.5^2) (from the exact eps) drives both samplers to that distribution."""
+    eps_model = gaussian_data_oracle(T, mu=0.5, std=0.5, learned_sigma=False)
+    abar_table = torch.from_numpy(np.cumprod(1 - get_named_beta_schedule("linear", T))).float()
+
+    def v_model(x, t):
+        abar = abar_table[t].reshape(-1, 1, 1, 1)
+        eps = eps_model(x, t)
+        x0 = (x - (1 - abar).sqrt() * eps) / abar.sqrt()
+        return torch.cat([abar.sqrt() * eps - (1 - abar).sqrt() * x0, torch.zeros_like(x)], dim=1)
+
+    noise = torch.randn(4000, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    for spec in ("50", "ddim50"):
+        samples = create_diffusion(spec, prediction="v").sample(v_model, noise)
+        assert samples.mean().item() == pytest.approx(0.5, abs=0.02)
+        assert samples.std().item() == pytest.approx(0.5, abs=0.03)
+
+
+def test_process_is_recorded_and_rebuilt_for_sampling():
+    trained = create_diffusion("", noise_schedule="cosine", prediction="v")
+    assert trained.process == {"noise_schedule": "cosine", "diffusion_steps": 1000, "prediction": "v",
+                               "learn_sigma": True, "sigma_small": False}
+    sampler = sampling_diffusion(trained.process, "ddim20", learn_sigma=True)
+    assert sampler.process == trained.process and len(sampler.timestep_map) == 20
+    np.testing.assert_allclose(sampler.alphas_cumprod, trained.alphas_cumprod[sampler.timestep_map.numpy()])
+    official = sampling_diffusion(None, "250", learn_sigma=True)  # no record: DiT's linear eps process
+    assert official.process == {**DIT_PROCESS, "learn_sigma": True}
+    assert process_differences(None, trained.process) == {"noise_schedule": ("linear", "cosine"),
+                                                         "prediction": ("epsilon", "v")}
+    with pytest.raises(ValueError, match=r"keys \['beta_max'\] are unknown"):
+        sampling_diffusion({"beta_max": 0.02}, "10", learn_sigma=True)
+    with pytest.raises(ValueError, match="unknown prediction 'score'"):
+        create_diffusion("", prediction="score")
+    with pytest.raises(ValueError, match="contradicts prediction='v'"):
+        create_diffusion("", predict_xstart=True, prediction="v")

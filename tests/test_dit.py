@@ -176,3 +176,13 @@ def test_activation_checkpointing_gives_same_outputs_and_gradients():
     for n, p in model.named_parameters():
         if n in grads:
             assert torch.allclose(grads[n], p.grad, atol=1e-6), n
+
+
+def test_label_table_init_scale_is_a_knob_with_dits_default():
+    torch.manual_seed(0)
+    dit = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=256, depth=1, num_heads=4, num_classes=1000)
+    wide = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=256, depth=1, num_heads=4, num_classes=1000,
+               label_embed_std=1.0)
+    assert dit.y_embedder.embedding_table.weight.std().item() == pytest.approx(0.02, rel=0.02)
+    assert wide.y_embedder.embedding_table.weight.std().item() == pytest.approx(1.0, rel=0.02)
+    assert "label_embed_std" not in wide.config  # an initialisation, not part of the architecture

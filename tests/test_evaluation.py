@@ -529,3 +529,11 @@ def test_two_rank_evaluation_scores_the_same_samples_as_one_process(sweep, train
     # Same (seed, index) noise and labels: only batch layout differs, so uint8 images match up to rounding.
     assert two["metrics"]["fid40"] == pytest.approx(one["metrics"]["fid40"], rel=1e-3)
     assert two["metrics"]["mnist_accuracy"] == pytest.approx(one["metrics"]["mnist_accuracy"], abs=1 / 40)
+
+
+def test_checkpoints_with_one_file_name_get_distinct_labels():
+    from flexdit_train.evaluation.report import short_names
+
+    names = short_names(["/runs/a/pretrain/checkpoints/final.ckpt", "/runs/a/flex/checkpoints/final.ckpt", "b.pt"])
+    assert names == {"/runs/a/pretrain/checkpoints/final.ckpt": "pretrain/checkpoints/final.ckpt",
+                     "/runs/a/flex/checkpoints/final.ckpt": "flex/checkpoints/final.ckpt", "b.pt": "b.pt"}

@@ -89,8 +89,23 @@ def test_safetensors_round_trip_stores_config(tmp_path):
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata()
     assert json.loads(metadata["flexdit_model_config"]) == model.config
-    assert "flexdit_flex_config" not in metadata
-    assert_same(from_pretrained(path), model)
+    assert "flexdit_flex_config" not in metadata and "flexdit_diffusion" not in metadata
+    loaded = from_pretrained(path)
+    assert_same(loaded, model)
+    assert loaded.diffusion_process is None  # no record: samplers use DiT's process
+
+
+def test_the_training_process_travels_through_safetensors_and_lightning_files(tmp_path):
+    process = {"noise_schedule": "cosine", "diffusion_steps": 1000, "prediction": "v", "learn_sigma": True,
+               "sigma_small": False}
+    model = randomized(num_classes=10, class_dropout_prob=0.0)
+    model.diffusion_process = process
+    assert from_pretrained(export_safetensors(model, tmp_path / "v.safetensors")).diffusion_process == process
+    checkpoint = {"state_dict": {f"ema.{k}": v for k, v in model.state_dict().items()},
+                  "flexdit": {"format_version": 1, "model_config": model.config, "flex_config": None,
+                              "diffusion": process}}
+    torch.save(checkpoint, tmp_path / "last.ckpt")
+    assert from_pretrained(tmp_path / "last.ckpt").diffusion_process == process
 
 
 def test_plain_safetensors_without_metadata(tmp_path):

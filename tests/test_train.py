@@ -15,6 +15,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import open_dict
 
 import flexdit_train
+from flexdit_train.diffusion import create_diffusion
 from flexdit_train.models import DiT, export_safetensors, from_pretrained
 from flexdit_train.train import run
 
@@ -32,6 +33,7 @@ def tiny_checkpoints(tmp_path_factory):
     torch.manual_seed(0)
     latent = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=10)
     pixel = DiT(input_size=32, patch_size=4, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=10)
+    pixel.diffusion_process = create_diffusion("", prediction="v").process  # as mnist_pretrain records it
     return {"latent": export_safetensors(latent, root / "latent.safetensors"),
             "pixel": export_safetensors(pixel, root / "pixel.safetensors")}
 
@@ -107,6 +109,23 @@ def test_flexible_checkpoint_whose_patch_sizes_differ_from_the_config_is_refused
                          "flex.patch_sizes=[2,8]", "objective=flex_shared"], tmp_path)
     with pytest.raises(ValueError, match=r"already flexible \(mode shared, patch sizes \[2, 4\]\)"):
         build_module(cfg)
+
+
+def test_fine_tuning_under_another_prediction_is_refused_unless_allowed(tiny_checkpoints, tmp_path):
+    from flexdit_train.train import build_module
+
+    model = from_pretrained(tiny_checkpoints["latent"])
+    model.diffusion_process = {"prediction": "v"}  # as a checkpoint trained with v prediction records it
+    path = export_safetensors(model, tmp_path / "v.safetensors")
+    overrides = [*SYNTHETIC, "model.name=null", f"model.pretrained={path}"]
+    with pytest.raises(ValueError) as err:
+        build_module(compose_train(overrides, tmp_path))
+    message = str(err.value)
+    assert "was trained with prediction=v but the objective uses prediction=epsilon" in message
+    assert "set objective.diffusion.prediction=v" in message and "\n" not in message
+    assert build_module(compose_train([*overrides, "objective.diffusion.prediction=v"], tmp_path)).diffusion.process[
+        "prediction"] == "v"
+    assert build_module(compose_train([*overrides, "allow_process_change=true"], tmp_path)) is not None
 
 
 def cli(args: list[str], cwd: Path, env_extra: dict | None = None) -> subprocess.CompletedProcess:

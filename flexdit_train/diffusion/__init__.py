@@ -6,6 +6,9 @@ The objective interface the trainer relies on is ``sample_timesteps``, ``trainin
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from flexdit_train.diffusion.gaussian_diffusion import (
     SAMPLE_METHODS,
     GaussianDiffusion,
@@ -17,6 +20,9 @@ from flexdit_train.diffusion.guidance import cfg_model_fn
 from flexdit_train.diffusion.respace import SpacedDiffusion
 from flexdit_train.diffusion.schedules import BETA_SCHEDULES, get_named_beta_schedule, space_timesteps
 
+# What the network's mean channels predict, by config name.
+PREDICTIONS = {"epsilon": ModelMeanType.EPSILON, "x0": ModelMeanType.START_X, "v": ModelMeanType.VELOCITY}
+
 
 def create_diffusion(
     timestep_respacing: str = "",
@@ -27,12 +33,21 @@ def create_diffusion(
     learn_sigma: bool = True,
     rescale_learned_sigmas: bool = False,
     diffusion_steps: int = 1000,
+    prediction: str = "epsilon",
 ) -> SpacedDiffusion:
     """Build a diffusion with DiT's defaults.
 
     ``timestep_respacing``: "" (all steps, for training), "250", "10,10,5" or "ddimN" (which also
     makes DDIM the default sampler). ``rescale_learned_sigmas`` weights the bound by T / 1000.
+    ``prediction``: what the network's first C channels predict, "epsilon" (DiT), "x0" (the same as
+    ``predict_xstart=True``) or "v" (velocity; well suited to small pixel-space models).
     """
+    if predict_xstart:
+        if prediction not in ("epsilon", "x0"):
+            raise ValueError(f"predict_xstart=True contradicts prediction={prediction!r}; set one of them")
+        prediction = "x0"
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"unknown prediction {prediction!r}; use one of {', '.join(PREDICTIONS)}")
     betas = get_named_beta_schedule(noise_schedule, diffusion_steps)
     if use_kl:
         loss_type = LossType.RESCALED_KL
@@ -44,14 +59,40 @@ def create_diffusion(
         var_type = ModelVarType.LEARNED_RANGE
     else:
         var_type = ModelVarType.FIXED_SMALL if sigma_small else ModelVarType.FIXED_LARGE
-    return SpacedDiffusion(
+    diffusion = SpacedDiffusion(
         space_timesteps(diffusion_steps, timestep_respacing),
         betas,
-        model_mean_type=ModelMeanType.START_X if predict_xstart else ModelMeanType.EPSILON,
+        model_mean_type=PREDICTIONS[prediction],
         model_var_type=var_type,
         loss_type=loss_type,
         default_sample_method="ddim" if timestep_respacing.startswith("ddim") else "ddpm",
     )
+    # What a sampler must reproduce: checkpoints store it, sampling_diffusion rebuilds from it.
+    diffusion.process = {
+        "noise_schedule": noise_schedule, "diffusion_steps": int(diffusion_steps), "prediction": prediction,
+        "learn_sigma": bool(learn_sigma), "sigma_small": bool(sigma_small),
+    }
+    return diffusion
+
+
+# The process of the official DiT checkpoints, and of any checkpoint that does not record one.
+DIT_PROCESS = {"noise_schedule": "linear", "diffusion_steps": 1000, "prediction": "epsilon", "sigma_small": False}
+
+
+def sampling_diffusion(process: Mapping[str, Any] | None, timestep_respacing: str, learn_sigma: bool) -> SpacedDiffusion:
+    """The diffusion a checkpoint was trained with (``process``, None = DiT's), respaced for sampling."""
+    spec = {**DIT_PROCESS, **(process or {}), "learn_sigma": bool(learn_sigma)}
+    unknown = sorted(set(spec) - set(DIT_PROCESS) - {"learn_sigma"})
+    if unknown:
+        raise ValueError(f"diffusion process keys {unknown} are unknown; this flexdit_train reads {sorted(DIT_PROCESS)}")
+    return create_diffusion(str(timestep_respacing), **spec)
+
+
+def process_differences(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> dict[str, tuple[Any, Any]]:
+    """``{key: (a's value, b's value)}`` for every forward-process or prediction setting that differs
+    (None = DiT's process)."""
+    a, b = {**DIT_PROCESS, **(a or {})}, {**DIT_PROCESS, **(b or {})}
+    return {k: (a[k], b[k]) for k in DIT_PROCESS if a[k] != b[k]}
 
 
 __all__ = [
@@ -61,9 +102,13 @@ __all__ = [
     "LossType",
     "ModelMeanType",
     "ModelVarType",
+    "PREDICTIONS",
     "SpacedDiffusion",
     "cfg_model_fn",
+    "DIT_PROCESS",
     "create_diffusion",
+    "process_differences",
+    "sampling_diffusion",
     "get_named_beta_schedule",
     "space_timesteps",
 ]

@@ -29,6 +29,7 @@ class ModelMeanType(enum.Enum):
 
     EPSILON = "epsilon"  # the added noise (DiT)
     START_X = "start_x"  # the clean sample x0
+    VELOCITY = "velocity"  # v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (Salimans & Ho 2022)
 
 
 class ModelVarType(enum.Enum):
@@ -181,6 +182,18 @@ class GaussianDiffusion:
             - self._gather("sqrt_recipm1_alphas_cumprod", t, x_t.ndim) * eps
         )
 
+    def _xstart_from_prediction(self, x_t: torch.Tensor, t: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        if self.model_mean_type is ModelMeanType.START_X:
+            return pred
+        if self.model_mean_type is ModelMeanType.VELOCITY:
+            # x_0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v: v errors reach x_0 unamplified at any noise level,
+            # where eps errors are multiplied by sqrt(1 / abar_t - 1) (why pixel-space models prefer v).
+            return (
+                self._gather("sqrt_alphas_cumprod", t, x_t.ndim) * x_t
+                - self._gather("sqrt_one_minus_alphas_cumprod", t, x_t.ndim) * pred
+            )
+        return self._xstart_from_eps(x_t, t, pred)
+
     def _eps_from_xstart(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         # The inverse of _xstart_from_eps: eps = (x_t / sqrt(abar_t) - x_0) / sqrt(1 / abar_t - 1)
         scaled_residual = self._gather("sqrt_recip_alphas_cumprod", t, x_t.ndim) * x_t - x0
@@ -207,9 +220,7 @@ class GaussianDiffusion:
             log_variance = self._gather("posterior_log_variance_clipped", t, ndim)
         variance = torch.exp(log_variance)
 
-        pred_xstart = (
-            pred if self.model_mean_type is ModelMeanType.START_X else self._xstart_from_eps(x_t, t, pred)
-        )
+        pred_xstart = self._xstart_from_prediction(x_t, t, pred)
         if clip_denoised:
             pred_xstart = pred_xstart.clamp(-1, 1)
         mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x_t, t)
@@ -248,7 +259,15 @@ class GaussianDiffusion:
         x_t = self.q_sample(x0, t, noise)  # (N, C, ...)
         model_output = self._run_model(model, x_t, t, cond).float()  # (N, C_out, ...)
         pred, var_values = self._split_output(model_output, x_t)
-        target = noise if self.model_mean_type is ModelMeanType.EPSILON else x0
+        if self.model_mean_type is ModelMeanType.EPSILON:
+            target = noise
+        elif self.model_mean_type is ModelMeanType.VELOCITY:
+            target = (
+                self._gather("sqrt_alphas_cumprod", t, x0.ndim) * noise
+                - self._gather("sqrt_one_minus_alphas_cumprod", t, x0.ndim) * x0
+            )
+        else:
+            target = x0
         terms = {"mse": mean_flat((target - pred) ** 2)}
 
         if self.loss_type is LossType.RESCALED_KL:

@@ -9,7 +9,7 @@ import torch
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from flexdit_train.budget import static
-from flexdit_train.diffusion import create_diffusion
+from flexdit_train.diffusion import sampling_diffusion
 from flexdit_train.evaluation.metrics import INCEPTION, extractor_input, resolve_inception_weights
 from flexdit_train.evaluation.mnist_classifier import MnistFeatures, ensure_classifier
 from flexdit_train.evaluation.reference import iter_images, reference_kind
@@ -109,7 +109,7 @@ class FidProxy(L.Callback):
         """Sample this rank's share from ``pl_module.ema`` and return the all-rank FID (call on every rank)."""
         model = pl_module.ema
         device = next(model.parameters()).device
-        diffusion = create_diffusion(self.sampling_steps, learn_sigma=model.learn_sigma)
+        diffusion = sampling_diffusion(getattr(model, "diffusion_process", None), self.sampling_steps, model.learn_sigma)
         schedule = static(len(diffusion.timestep_map), model.native_patch_size, cfg=self.cfg_scale != 1.0)
         if self.vae is not None and self._decode is None:
             self._decode = latent_decoder(self.vae, self.latent_scale_factor, device)

@@ -88,12 +88,28 @@ def record_result(results_dir: str | os.PathLike, row: Mapping) -> dict[str, Pat
     return paths
 
 
+def short_names(paths) -> dict[str, str]:
+    """Each path's shortest trailing part that no other path shares: ``final.ckpt`` when the file names
+    differ, ``pretrain/checkpoints/final.ckpt`` vs ``flex/checkpoints/final.ckpt`` when they do not."""
+    paths = sorted({str(p) for p in paths})
+    parts = {p: Path(p).parts for p in paths}
+    names = {}
+    for p in paths:
+        for k in range(1, len(parts[p]) + 1):
+            tail = parts[p][-k:]
+            if not any(q != p and parts[q][-k:] == tail for q in paths):
+                break
+        names[p] = str(Path(*tail))
+    return names
+
+
 def markdown_table(rows: list[Mapping], columns: list[str]) -> str:
-    """A Markdown table; checkpoints are shown by file name, floats with 4 significant digits."""
+    """A Markdown table; checkpoints are shown by their shortest distinct path, floats with 4 significant digits."""
+    checkpoint_names = short_names(r["checkpoint"] for r in rows if "checkpoint" in r)
 
     def cell(column: str, value) -> str:
         if column == "checkpoint":
-            return Path(str(value)).name
+            return checkpoint_names.get(str(value), str(value))
         if column == "compute_fraction" and isinstance(value, float):
             return f"{value:.1%}"
         return f"{value:.4g}" if isinstance(value, float) else str(value)
@@ -114,10 +130,11 @@ def plot_fid_vs_compute(rows: list[Mapping], path: str | os.PathLike) -> Path | 
 
     series: dict[tuple[str, str, str, str], list[tuple[float, float, str]]] = {}
     static_points: dict[tuple[str, str, str], list[tuple[float, float, str]]] = {}
+    checkpoint_names = short_names(r["checkpoint"] for r in rows)
     for r in rows:
         for column, value in r.items():
             if FID_COLUMN.match(column) and isinstance(value, int | float):
-                base = (Path(str(r["checkpoint"])).name, str(r["preset"]), column)
+                base = (checkpoint_names[str(r["checkpoint"])], str(r["preset"]), column)
                 point = (100 * float(r["compute_fraction"]), float(value), str(r["budget"]))
                 order = str(r.get("order") or "")
                 if order == "static":

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from flexdit_train.diffusion import process_differences
 from flexdit_train.models.arch import Arch, arch_of, get_arch
 from flexdit_train.models.dit import DIT_SIZES, DiT, DiT_models
 
@@ -92,6 +93,7 @@ def from_pretrained(
 
     if isinstance(model, nn.Module):
         load_strict(unwrap(model), state_dict, source)
+        unwrap(model).diffusion_process = meta.get("diffusion")
         return model
     if arch.name != "dit":
         if model is not None:
@@ -109,6 +111,7 @@ def from_pretrained(
         load_strict(net, state_dict, source)
         if isinstance(map_location, str | torch.device):
             net.to(map_location)
+        net.diffusion_process = meta.get("diffusion")
         return net.eval()
 
     # Built on the meta device and filled by assignment: no random init of weights about to be replaced.
@@ -119,6 +122,8 @@ def from_pretrained(
     left = [name for name, t in [*net.named_parameters(), *net.named_buffers()] if t.is_meta]
     if left:
         raise RuntimeError(f"{arch.name} tensors {left} are not in its state dict; loading cannot fill them")
+    # The diffusion the weights were trained for (noise schedule, prediction; None = DiT's), for samplers.
+    net.diffusion_process = meta.get("diffusion")
     return net.eval()
 
 
@@ -203,6 +208,7 @@ def safetensors_load(path: Path, map_location) -> tuple[dict, dict | None]:
             "arch": metadata.get("flexdit_arch", "dit"),
             "model_config": json.loads(metadata["flexdit_model_config"]),
             "flex_config": json.loads(flex) if flex is not None else None,
+            "diffusion": json.loads(metadata["flexdit_diffusion"]) if "flexdit_diffusion" in metadata else None,
         }
     except ValueError as err:
         raise corrupt(path, f"unreadable flexdit metadata: {err}") from None
@@ -437,6 +443,14 @@ def load_strict(net: nn.Module, state_dict: Mapping, source: str, assign: bool =
 def export_official(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write a plain state dict in the official DiT layout (static model, no prefixes, cpu tensors)."""
     net = unwrap(model)
+    differences = process_differences(getattr(net, "diffusion_process", None), None)
+    if differences:
+        log.warning(
+            "the official layout cannot record that this model was trained with %s (DiT: %s): sample it with "
+            "those settings, or export with export_safetensors, which keeps them",
+            ", ".join(f"{k}={a}" for k, (a, _) in differences.items()),
+            ", ".join(f"{k}={b}" for k, (_, b) in differences.items()),
+        )
     if hasattr(net, "export_native"):  # a flexible model: the official layout holds its native DiT
         net = net.export_native()
     state_dict = plain_state_dict(net)
@@ -461,6 +475,8 @@ def export_safetensors(model: nn.Module, path: str | os.PathLike) -> Path:
         if dataclasses.is_dataclass(flex_config):
             flex_config = dataclasses.asdict(flex_config)
         metadata["flexdit_flex_config"] = json.dumps(flex_config)
+    if getattr(net, "diffusion_process", None) is not None:
+        metadata["flexdit_diffusion"] = json.dumps(dict(net.diffusion_process))
     state_dict = plain_state_dict(net)
     return atomic_write(path, lambda tmp: save_file(state_dict, tmp, metadata=metadata))
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from flexdit_train.diffusion import create_diffusion
+from flexdit_train.diffusion import sampling_diffusion
 from flexdit_train.models.arch import arch_of
 from flexdit_train.sampling import generate, save_grid
 
@@ -64,7 +64,7 @@ class SampleGrid(L.Callback):
         model = pl_module.ema
         if self.vae is not None and self._decode is None:
             self._decode = latent_decoder(self.vae, self.latent_scale_factor, pl_module.device)
-        diffusion = create_diffusion(self.sampling_steps, learn_sigma=model.learn_sigma)
+        diffusion = sampling_diffusion(getattr(model, "diffusion_process", None), self.sampling_steps, model.learn_sigma)
         if arch_of(model).conditioning == "text":
             if self.prompt_shards is None:
                 raise ValueError("sample grids of a text model need captions: set callbacks.sample_grid.prompt_shards")

@@ -87,6 +87,9 @@ class DiffusionModule(L.LightningModule):
         super().__init__()
         self.model = model
         self.arch = arch_of(model)
+        # The process the weights are trained for rides with the network into exports and checkpoints, so
+        # samplers rebuild it (noise schedule, prediction); a custom diffusion without one records None.
+        model.diffusion_process = getattr(diffusion, "process", None)
         self.ema = make_ema(model)
         self.diffusion = diffusion
         self.optimizer_factory = optimizer
@@ -233,6 +236,7 @@ class DiffusionModule(L.LightningModule):
             "arch": self.arch.name,
             "model_config": dict(self.model.config),
             "flex_config": getattr(self.model, "flex_config", None),
+            "diffusion": self.model.diffusion_process,
             "config": self.run_config,
             "samples_seen": self.samples_seen,
             "wandb_run_id": self.wandb_run_id,
