@@ -137,6 +137,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any] | None:
         "sampling_steps": str(ev.sampling_steps),
         "num_steps": len(diffusion.timestep_map),
         "sampler": diffusion.default_sample_method,
+        "diffusion_process": diffusion.process,
         "cfg_scale": cfg_scale,
         "guidance": ev.guidance if schedule.cfg else "none",
         "weak_guidance_scale": float(weak_scale),

@@ -271,6 +271,7 @@ def run_sampling(cfg: DictConfig) -> dict[str, Any]:
         "seed": int(cfg.seed),
         "sampling_steps": str(cfg.sampling_steps),
         "sampler": sampler.diffusion.default_sample_method,
+        "diffusion_process": sampler.diffusion.process,
         "clip_denoised": bool(cfg.clip_denoised),
         "cfg_scale": sampler.cfg_scale,
         "guidance": cfg.guidance,

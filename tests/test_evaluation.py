@@ -501,6 +501,7 @@ def test_eval_card_carries_every_knob_and_the_schedule_compute_fraction(sweep):
         assert card["budget"] == schedule.name == budget
         assert card["compute_fraction"] == pytest.approx(schedule.compute_fraction(cost), rel=1e-12)
         assert (card["sampler"], card["num_steps"], card["cfg_scale"], card["num_samples"]) == ("ddim", 10, 1.5, 40)
+        assert card["diffusion_process"]["prediction"] == "epsilon"  # the sweep's checkpoint records none: DiT's
         assert card["metric_backend"]["name"] == "torch-fidelity" and card["metric_backend"]["version"]
         assert card["metric_backend"]["extractor"]["name"] == MNIST_EXTRACTOR
         assert card["reference"]["source"] == "mnist:train" and len(card["reference"]["sha256"]) == 64

@@ -12,7 +12,7 @@ import torch
 
 from flexdit_train.data.synthetic import SyntheticDataModule
 from flexdit_train.diffusion import create_diffusion
-from flexdit_train.models import DiT
+from flexdit_train.models import DiT, export_safetensors
 from flexdit_train.models.flex import flexify
 from flexdit_train.training.flex_objectives import DistillModule, FlexSharedModule, PatchSizeSampler
 
@@ -54,6 +54,18 @@ def test_objectives_reject_sizes_the_model_does_not_have():
     shared = flexify(pretrained_like(), patch_sizes=(2, 4), mode="shared")
     with pytest.raises(ValueError, match="teacher='self' needs mode='lora'"):
         DistillModule(shared, create_diffusion(""), adamw(1e-3), patch_size_weights={4: 1})
+
+
+def test_a_teacher_of_another_prediction_is_refused(tmp_path):
+    teacher = pretrained_like()
+    teacher.diffusion_process = create_diffusion("", prediction="v").process
+    path = export_safetensors(teacher, tmp_path / "teacher.safetensors")
+    student = flexify(pretrained_like(), patch_sizes=(2, 4), mode="shared")
+    with pytest.raises(ValueError, match="was trained with prediction=v but the objective uses prediction=epsilon"):
+        DistillModule(student, create_diffusion(""), adamw(1e-3), patch_size_weights={4: 1}, teacher=str(path))
+    module = DistillModule(student, create_diffusion("", prediction="v"), adamw(1e-3), patch_size_weights={4: 1},
+                           teacher=str(path))
+    assert module.teacher.diffusion_process["prediction"] == "v"
 
 
 def weak_native_gap(model, x_t, t, y) -> float:

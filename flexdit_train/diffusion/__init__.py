@@ -90,9 +90,10 @@ def sampling_diffusion(process: Mapping[str, Any] | None, timestep_respacing: st
 
 def process_differences(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> dict[str, tuple[Any, Any]]:
     """``{key: (a's value, b's value)}`` for every forward-process or prediction setting that differs
-    (None = DiT's process)."""
+    (None = DiT's process; ``sigma_small`` only counts when neither learns its variance)."""
     a, b = {**DIT_PROCESS, **(a or {})}, {**DIT_PROCESS, **(b or {})}
-    return {k: (a[k], b[k]) for k in DIT_PROCESS if a[k] != b[k]}
+    keys = [k for k in DIT_PROCESS if not (k == "sigma_small" and (a.get("learn_sigma") or b.get("learn_sigma")))]
+    return {k: (a[k], b[k]) for k in keys if a[k] != b[k]}
 
 
 __all__ = [
