@@ -222,6 +222,22 @@ def check_shards(cfg: DictConfig) -> list[Finding]:
     return findings
 
 
+def check_process(cfg: DictConfig, trained: dict | None, source: str) -> list[Finding]:
+    """The objective's diffusion against the one the pretrained weights were trained with (train.py refuses
+    a difference unless allow_process_change)."""
+    from flexdit_train.diffusion import process_differences
+
+    node = cfg.get("objective", {}).get("diffusion")
+    if node is None or cfg.get("allow_process_change", False):
+        return []
+    differences = process_differences(trained, instantiate(node).process)
+    if not differences:
+        return []
+    what = ", ".join(f"{k}: {a} vs objective {b}" for k, (a, b) in differences.items())
+    fix = " ".join(f"objective.diffusion.{k}={a}" for k, (a, _) in differences.items())
+    return [Finding(FAIL, "checkpoint", f"{source} was trained with another diffusion ({what}): set {fix}")]
+
+
 def check_checkpoints(cfg: DictConfig) -> list[Finding]:
     """model.pretrained, ckpt_path (or what resume=auto would pick) and a distillation teacher file."""
     from flexdit_train.models.loading import from_pretrained
@@ -239,6 +255,7 @@ def check_checkpoints(cfg: DictConfig) -> list[Finding]:
         else:
             params = sum(p.numel() for p in model.parameters()) / 1e6
             findings.append(Finding(OK, "checkpoint", f"model.pretrained={pretrained} loads ({params:.1f}M parameters)"))
+            findings += check_process(cfg, model.diffusion_process, pretrained)
 
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path and str(ckpt_path) in LIGHTNING_CKPT_KEYWORDS:

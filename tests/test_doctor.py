@@ -131,6 +131,18 @@ def test_loadable_pretrained_checkpoint_passes(capsys, tmp_path):
     assert any("loads" in line for line in lines_of(lines, "OK", "checkpoint"))
 
 
+def test_pretrained_checkpoint_of_another_prediction_fails_with_the_override(capsys, tmp_path):
+    net = DiT(input_size=32, patch_size=4, in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=1000)
+    net.diffusion_process = {"prediction": "v"}
+    path = export_safetensors(net, tmp_path / "v.safetensors")
+    code, lines = doctor(capsys, "data=synthetic", f"model.pretrained={path}")
+    assert code == 1
+    [line] = lines_of(lines, "FAIL", "checkpoint")
+    assert "(prediction: v vs objective epsilon): set objective.diffusion.prediction=v" in line
+    code, _ = doctor(capsys, "data=synthetic", f"model.pretrained={path}", "objective.diffusion.prediction=v")
+    assert code == 0
+
+
 def test_unreadable_resume_checkpoint_fails(capsys, tmp_path):
     bad = tmp_path / "last.ckpt"
     bad.write_bytes(b"\x80truncated")
