@@ -225,17 +225,13 @@ def check_shards(cfg: DictConfig) -> list[Finding]:
 def check_process(cfg: DictConfig, trained: dict | None, source: str) -> list[Finding]:
     """The objective's diffusion against the one the pretrained weights were trained with (train.py refuses
     a difference unless allow_process_change)."""
-    from flexdit_train.diffusion import process_differences
+    from flexdit_train.diffusion import process_mismatch
 
     node = cfg.get("objective", {}).get("diffusion")
     if node is None or cfg.get("allow_process_change", False):
         return []
-    differences = process_differences(trained, instantiate(node).process)
-    if not differences:
-        return []
-    what = ", ".join(f"{k}: {a} vs objective {b}" for k, (a, b) in differences.items())
-    fix = " ".join(f"objective.diffusion.{k}={a}" for k, (a, _) in differences.items())
-    return [Finding(FAIL, "checkpoint", f"{source} was trained with another diffusion ({what}): set {fix}")]
+    mismatch = process_mismatch(trained, instantiate(node).process, source)
+    return [Finding(FAIL, "checkpoint", mismatch)] if mismatch else []
 
 
 def check_checkpoints(cfg: DictConfig) -> list[Finding]:

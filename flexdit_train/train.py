@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from flexdit_train import CONF_DIR
 from flexdit_train.budget import as_patch
-from flexdit_train.diffusion import process_differences
+from flexdit_train.diffusion import process_mismatch
 from flexdit_train.loggers import finish_wandb
 from flexdit_train.runs import resolve_ckpt_path
 
@@ -69,17 +69,10 @@ def build_module(cfg: DictConfig) -> L.LightningModule:
     trained_process = getattr(network, "diffusion_process", None)
     model = apply_flex(network, cfg.get("flex"), pretrained)
     module = build(cfg.objective, model=model)
-    process = getattr(module.diffusion, "process", None)
-    differences = process_differences(trained_process, process) if pretrained and process else {}
-    if differences and not cfg.get("allow_process_change", False):
-        raise ValueError(
-            f"checkpoint {pretrained} was trained with "
-            + ", ".join(f"{k}={a}" for k, (a, _) in differences.items())
-            + " but the objective uses "
-            + ", ".join(f"{k}={b}" for k, (_, b) in differences.items())
-            + ": set " + " ".join(f"objective.diffusion.{k}={a}" for k, (a, _) in differences.items())
-            + " (or allow_process_change=true to convert on purpose)"
-        )
+    process = getattr(module.diffusion, "process", None)  # None: a custom diffusion, nothing to compare
+    mismatch = process_mismatch(trained_process, process, f"checkpoint {pretrained}") if pretrained and process else None
+    if mismatch and not cfg.get("allow_process_change", False):
+        raise ValueError(mismatch + " (or allow_process_change=true to convert on purpose)")
     # Set afterwards: passed to instantiate, its `_target_` entries would be instantiated too.
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
     return module

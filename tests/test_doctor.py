@@ -138,7 +138,7 @@ def test_pretrained_checkpoint_of_another_prediction_fails_with_the_override(cap
     code, lines = doctor(capsys, "data=synthetic", f"model.pretrained={path}")
     assert code == 1
     [line] = lines_of(lines, "FAIL", "checkpoint")
-    assert "(prediction: v vs objective epsilon): set objective.diffusion.prediction=v" in line
+    assert "was trained with prediction=v but the objective uses prediction=epsilon: set objective.diffusion.prediction=v" in line
     code, _ = doctor(capsys, "data=synthetic", f"model.pretrained={path}", "objective.diffusion.prediction=v")
     assert code == 0
 

@@ -128,6 +128,20 @@ def test_fine_tuning_under_another_prediction_is_refused_unless_allowed(tiny_che
     assert build_module(compose_train([*overrides, "allow_process_change=true"], tmp_path)) is not None
 
 
+def test_resuming_under_another_process_is_refused(tmp_path):
+    from flexdit_train.train import build_module
+
+    module = build_module(compose_train([*SYNTHETIC, *TINY_MODEL, "model.name=null", "model.input_size=8",
+                                         "model.in_channels=4"], tmp_path))
+    resumed = {"flexdit": {"diffusion": {**module.diffusion.process, "prediction": "v"}}}
+    with pytest.raises(ValueError) as err:
+        module.on_load_checkpoint(resumed)
+    message = str(err.value)
+    assert message.startswith("the resumed checkpoint was trained with prediction=v but the objective uses "
+                              "prediction=epsilon: resume with the run's objective.diffusion settings")
+    assert "\n" not in message
+
+
 def cli(args: list[str], cwd: Path, env_extra: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(TESTS_DIR), "OMP_NUM_THREADS": "1", **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "flexdit_train", *args], cwd=cwd, env=env, capture_output=True,

@@ -96,6 +96,19 @@ def process_differences(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None
     return {k: (a[k], b[k]) for k in keys if a[k] != b[k]}
 
 
+def process_mismatch(trained: Mapping[str, Any] | None, configured: Mapping[str, Any] | None, source: str,
+                     fix: str | None = None) -> str | None:
+    """None when ``source``'s weights were trained with the ``configured`` process; otherwise the one-line
+    error, ending in ``fix`` (default: the ``objective.diffusion`` overrides that match the weights)."""
+    differences = process_differences(trained, configured)
+    if not differences:
+        return None
+    was = ", ".join(f"{k}={a}" for k, (a, _) in differences.items())
+    now = ", ".join(f"{k}={b}" for k, (_, b) in differences.items())
+    fix = fix or "set " + " ".join(f"objective.diffusion.{k}={a}" for k, (a, _) in differences.items())
+    return f"{source} was trained with {was} but the objective uses {now}: {fix}"
+
+
 __all__ = [
     "BETA_SCHEDULES",
     "SAMPLE_METHODS",
@@ -109,6 +122,7 @@ __all__ = [
     "DIT_PROCESS",
     "create_diffusion",
     "process_differences",
+    "process_mismatch",
     "sampling_diffusion",
     "get_named_beta_schedule",
     "space_timesteps",

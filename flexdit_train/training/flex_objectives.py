@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flexdit_train.budget import Patch, as_patch
-from flexdit_train.diffusion import process_differences
+from flexdit_train.diffusion import process_mismatch
 from flexdit_train.models.arch import arch_of
 from flexdit_train.models.loading import from_pretrained
 from flexdit_train.training.ema import make_ema
@@ -123,14 +123,11 @@ class DistillModule(DiffusionModule):
             return make_ema(self.model)
         network = from_pretrained(teacher)
         # The student learns the teacher's outputs as its own: both must predict the same quantity.
-        differences = process_differences(network.diffusion_process, getattr(self.diffusion, "process", None))
-        if differences:
-            raise ValueError(
-                f"teacher {teacher} was trained with "
-                + ", ".join(f"{k}={a}" for k, (a, _) in differences.items())
-                + " but the objective uses " + ", ".join(f"{k}={b}" for k, (_, b) in differences.items())
-                + ": pick a teacher of the same process or set objective.diffusion to match it"
-            )
+        mismatch = process_mismatch(network.diffusion_process, getattr(self.diffusion, "process", None),
+                                    f"teacher {teacher}",
+                                    "pick a teacher of the same process or set objective.diffusion to match it")
+        if mismatch:
+            raise ValueError(mismatch)
         return make_ema(network)
 
     def patch_size_for_step(self, step: int) -> Patch:

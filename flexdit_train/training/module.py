@@ -20,6 +20,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from flexdit_train.budget import patch_label
+from flexdit_train.diffusion import process_mismatch
 from flexdit_train.flops_video import model_cost
 from flexdit_train.models.arch import arch_of
 from flexdit_train.training.ema import make_ema, update_ema
@@ -254,6 +255,13 @@ class DiffusionModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         meta = checkpoint.get("flexdit", {})
+        # Resuming under another process would silently retrain the weights for a different target.
+        process = self.model.diffusion_process
+        mismatch = process_mismatch(meta["diffusion"], process, "the resumed checkpoint", "resume with the run's "
+                                    "objective.diffusion settings, or start a new run (resume=never or another "
+                                    "task_name)") if "diffusion" in meta and process else None
+        if mismatch and not (self.run_config or {}).get("allow_process_change", False):
+            raise ValueError(mismatch)
         self.samples_seen = int(meta.get("samples_seen", 0))
         self.wandb_run_id = meta.get("wandb_run_id")
         states = meta.get("rng_states") or []
