@@ -86,6 +86,16 @@ def test_unknown_model_name_is_one_line_error():
     assert "\n" not in str(err.value)
 
 
+def test_a_registry_name_fixes_the_sizes_and_keeps_the_other_model_keys():
+    from flexdit_train.models.factory import build_model
+
+    torch.manual_seed(0)
+    m = build_model(name="DiT-S/8", input_size=16, in_channels=1, num_classes=10, hidden_size=128, depth=4,
+                    num_heads=4, patch_size=4, label_embed_std=1.0)
+    assert (len(m.blocks), m.hidden_size, m.num_heads, m.patch_size) == (12, 384, 6, 8)  # the preset's sizes
+    assert m.y_embedder.embedding_table.weight.std().item() == pytest.approx(1.0, rel=0.05)  # config's init
+
+
 def test_timestep_embedding_is_cos_then_sin_in_fp32():
     t = torch.tensor([0.0, 998.39], dtype=torch.bfloat16).float()
     emb = TimestepEmbedder.timestep_embedding(torch.tensor([0.0, 998.39]), 256)

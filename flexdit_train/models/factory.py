@@ -12,7 +12,8 @@ from flexdit_train.models.dit import create_model
 from flexdit_train.models.text_dit import TextDiT_models
 from flexdit_train.models.video_dit import VideoDiT_models
 
-PRESET_KEYS = ("input_size", "num_classes", "in_channels", "learn_sigma", "class_dropout_prob")
+# What a DiT registry name fixes; the config's other keys (shapes, label dropout, init) still apply.
+PRESET_SIZES = ("patch_size", "hidden_size", "depth", "num_heads")
 # Config keys the data decides, per arch: a pretrained model must agree with them.
 DATA_KEYS = {
     "dit": ("input_size", "num_classes", "in_channels"),
@@ -49,7 +50,7 @@ def build_model(
             )
         check_matches_data(model, pretrained, **{k: kwargs[k] for k in DATA_KEYS[arch] if k in kwargs})
     elif name and arch == "dit":
-        model = create_model(name, **{k: v for k, v in kwargs.items() if k in PRESET_KEYS})
+        model = create_model(name, **{k: v for k, v in kwargs.items() if k not in PRESET_SIZES})
     elif name:
         if name not in PRESETS[arch]:
             raise ValueError(f"unknown {arch} model {name!r}; choose one of {', '.join(PRESETS[arch])}")
