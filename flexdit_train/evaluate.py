@@ -141,7 +141,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any] | None:
         "cfg_scale": cfg_scale,
         "guidance": ev.guidance if schedule.cfg else "none",
         "weak_guidance_scale": float(weak_scale),
-        "guide_all_channels": bool(ev.guide_all_channels),
+        "guide_all_channels": arch_of(model).guide_all_channels(ev.guide_all_channels),
         "vae": ev.vae,
         "latent_scale_factor": float(ev.latent_scale_factor),
         "schedule": schedule.to_dict(),

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from flexdit_train.models.arch import arch_of
+
 
 def sample_generator(seed: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
     """A generator seeded from (seed, sample index) through NumPy's SeedSequence hashing."""
@@ -76,8 +78,9 @@ class ScheduledDenoiser(nn.Module):
       term is the weak *conditional* prediction and the scale is s2 (FlexiDiT §3.4); with
       ``guidance="standard"`` it is the null-condition prediction at the weak size, scale s1.
     "Weaker" means more pixels per token (:func:`patch_volume`). The condition is ``y`` (labels) or
-    ``text_emb``/``text_mask``. Only the first 3 eps channels are guided unless ``guide_all_channels``
-    (DiT's reproducibility quirk); unguided channels and the learned variance come from the conditional branch.
+    ``text_emb``/``text_mask``. ``guide_all_channels=False`` guides only the first 3 eps channels (DiT's
+    reproducibility quirk), True all; None follows the arch (DiT: 3, video and text DiTs: all). Unguided
+    channels and the learned variance come from the conditional branch.
     """
 
     def __init__(
@@ -89,7 +92,7 @@ class ScheduledDenoiser(nn.Module):
         cfg_scale: float = 1.0,
         guidance: str = "weak_conditional",
         weak_scale: float | None = None,
-        guide_all_channels: bool = False,
+        guide_all_channels: bool | None = None,
     ):
         super().__init__()
         steps = len(timestep_map)
@@ -115,7 +118,8 @@ class ScheduledDenoiser(nn.Module):
         self.cfg_scale = cfg_scale
         self.guidance = guidance
         self.weak_scale = weak_guidance_scale(cfg_scale) if weak_scale is None else weak_scale
-        self.guided_channels = model.in_channels if guide_all_channels else min(3, model.in_channels)
+        self.guide_all_channels = arch_of(model).guide_all_channels(guide_all_channels)
+        self.guided_channels = model.in_channels if self.guide_all_channels else min(3, model.in_channels)
 
     def combine(self, cond: torch.Tensor, guide: torch.Tensor, scale: float) -> torch.Tensor:
         g = self.guided_channels
@@ -155,7 +159,7 @@ def generate(
     cfg_scale: float = 1.0,
     guidance: str = "weak_conditional",
     weak_scale: float | None = None,
-    guide_all_channels: bool = False,
+    guide_all_channels: bool | None = None,
     method: str | None = None,
     clip_denoised: bool = False,
     progress: bool = False,

@@ -100,6 +100,18 @@ def test_static_schedule_reproduces_dit_three_channel_cfg():
         assert torch.allclose(den(x, t, y), ref, atol=1e-5)
 
 
+def test_guided_channels_follow_the_arch_unless_set():
+    from flexdit_train.models.video_dit import VideoDiT
+
+    video = VideoDiT(input_size=(2, 8, 8), in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=10)
+    tmap = create_diffusion("2").timestep_map.tolist()
+    for model, default in ((tiny_flex(), 3), (video, 4)):  # DiT's 3-channel quirk; a new arch guides all
+        patch = [model.native_patch_size] * 2
+        assert ScheduledDenoiser(model, tmap, patch, patch, cfg_scale=4.0).guided_channels == default
+        assert ScheduledDenoiser(model, tmap, patch, patch, 4.0, guide_all_channels=True).guided_channels == 4
+        assert ScheduledDenoiser(model, tmap, patch, patch, 4.0, guide_all_channels=False).guided_channels == 3
+
+
 def test_schedule_errors_are_one_line():
     model = tiny_flex()
     tmap = create_diffusion("3").timestep_map.tolist()
@@ -159,8 +171,9 @@ def test_sample_app_writes_grid_adm_npz_and_card(sample_cfg, tmp_path):
     r = forward_macs(tiny_flex().config, patch_size=4) / forward_macs(tiny_flex().config, patch_size=2)
     assert card["compute_fraction"] == pytest.approx((13 + 12 * r) / 25)
     assert card["compute_fraction"] == pytest.approx(result["card"]["compute_fraction"])
-    for key in ("seed", "cfg_scale", "guidance", "guide_all_channels", "sampling_steps", "schedule", "checkpoint"):
+    for key in ("seed", "cfg_scale", "guidance", "sampling_steps", "schedule", "checkpoint"):
         assert key in card
+    assert card["guide_all_channels"] is False  # null in sample.yaml: DiT's convention, recorded as resolved
     # the same sample indices under another batch size give the same images
     cfg.batch_size = 5
     cfg.out_dir = str(tmp_path / "run2")

@@ -38,7 +38,7 @@ class FidProxy(L.Callback):
         antialias: bool = False,
         sampling_steps: str = "ddim50",
         cfg_scale: float = 1.0,
-        guide_all_channels: bool = False,
+        guide_all_channels: bool | None = None,
         seed: int = 0,
         batch_size: int = 64,
         vae: str | None = None,

@@ -30,6 +30,11 @@ class Arch:
     conditioning: str
     check_divides_ref: str  # (input_size, patch) -> None: one-line error when the patch does not tile it
     dropout_key: str  # config key of the condition dropout rate (the CFG null condition in training)
+    guides_all_channels: bool  # CFG default: DiT guides only its first 3 latent channels (its published FIDs)
+
+    def guide_all_channels(self, flag: bool | None) -> bool:
+        """An explicit ``guide_all_channels`` setting, or this arch's convention for None."""
+        return self.guides_all_channels if flag is None else bool(flag)
 
     @property
     def static(self) -> type[nn.Module]:
@@ -46,11 +51,11 @@ class Arch:
 _DIT, _VIDEO, _TEXT = "flexdit_train.models.dit", "flexdit_train.models.video_dit", "flexdit_train.models.text_dit"
 ARCHS: dict[str, Arch] = {
     "dit": Arch("dit", f"{_DIT}:DiT", "flexdit_train.models.flex:FlexDiT", "class", f"{_DIT}:check_patch_divides",
-                "class_dropout_prob"),
+                "class_dropout_prob", False),
     "video_dit": Arch("video_dit", f"{_VIDEO}:VideoDiT", f"{_VIDEO}:FlexVideoDiT", "class",
-                      f"{_VIDEO}:check_video_patch_divides", "class_dropout_prob"),
+                      f"{_VIDEO}:check_video_patch_divides", "class_dropout_prob", True),
     "text_dit": Arch("text_dit", f"{_TEXT}:TextDiT", f"{_TEXT}:FlexTextDiT", "text", f"{_DIT}:check_patch_divides",
-                     "caption_dropout_prob"),
+                     "caption_dropout_prob", True),
 }
 
 

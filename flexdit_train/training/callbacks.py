@@ -34,7 +34,7 @@ class SampleGrid(L.Callback):
         num_images: int = 64,
         sampling_steps: str = "ddim50",
         cfg_scale: float = 1.0,
-        guide_all_channels: bool = False,
+        guide_all_channels: bool | None = None,
         clip_denoised: bool = False,
         budgets: list | None = None,
         vae: str | None = None,
