@@ -159,13 +159,19 @@ class BudgetSchedule:
     @property
     def order(self) -> str:
         """Where the weak steps sit: "static" (none), "weak_first" (the paper's schedules), "weak_last"
-        (the Fig. 19 ablation) or "mixed", judged over both branches."""
+        (the Fig. 19 ablation) or "mixed", judged over both branches. A branch that is weak at every step
+        fits either order, so the other branch decides; all weak everywhere counts as "weak_first"."""
         orders = {
             _order([p != self.native_patch for p in branch])
             for branch in (self.cond_patch_sizes, self.guidance_patch_sizes)
             if branch is not None
         } - {"static"}
-        return orders.pop() if len(orders) == 1 else ("static" if not orders else "mixed")
+        if len(orders) > 1:
+            orders.discard("all_weak")
+        if not orders:
+            return "static"
+        order = orders.pop() if len(orders) == 1 else "mixed"
+        return "weak_first" if order == "all_weak" else order
 
     def describe(self) -> str:
         """One line, e.g. ``130/130: 250 steps, native p2; cond p4x120 -> p2x130; guidance ...``."""
@@ -179,6 +185,8 @@ class BudgetSchedule:
 def _order(weak: list[bool]) -> str:
     if not any(weak):
         return "static"
+    if all(weak):
+        return "all_weak"
     if weak == sorted(weak, reverse=True):
         return "weak_first"
     return "weak_last" if weak == sorted(weak) else "mixed"

@@ -126,6 +126,10 @@ def test_target_weak_last_spends_the_same_powerful_steps_first():
     assert (first.order, last.order) == ("weak_first", "weak_last")
     assert static(10, 2).order == "static" and from_powerful_steps(10, 2, 4, 10, 0).order == "weak_first"
     assert BudgetSchedule((4, 2, 4), None, 2).order == "mixed"
+    # an all-weak branch fits either order: the other branch decides
+    assert BudgetSchedule((2, 4, 4), (4, 4, 4), 2).order == "weak_last"
+    assert BudgetSchedule((4, 4, 2), (4, 4, 4), 2).order == "weak_first"
+    assert BudgetSchedule((4, 4, 4), (4, 4, 4), 2).order == "weak_first"
     with pytest.raises(ValueError, match="weak_first must be true or false"):
         build_schedule({"mode": "target", "compute_fraction": 0.6, "weak_first": "no"}, 50, 2, 4, XL_COST)
 
