@@ -234,6 +234,14 @@ def check_process(cfg: DictConfig, trained: dict | None, source: str) -> list[Fi
     return [Finding(FAIL, "checkpoint", mismatch)] if mismatch else []
 
 
+def check_resumed_process(cfg: DictConfig, path: Path) -> list[Finding]:
+    """The process a resumed checkpoint was trained with (training refuses another one, as for pretrained)."""
+    from flexdit_train.runs import checkpoint_meta
+
+    trained = checkpoint_meta(path).get("diffusion")
+    return check_process(cfg, trained, f"resume checkpoint {path}") if trained else []
+
+
 def check_checkpoints(cfg: DictConfig) -> list[Finding]:
     """model.pretrained, ckpt_path (or what resume=auto would pick) and a distillation teacher file."""
     from flexdit_train.models.loading import from_pretrained
@@ -266,11 +274,14 @@ def check_checkpoints(cfg: DictConfig) -> list[Finding]:
                 "pick another checkpoint of the run, or drop ckpt_path")))
         else:
             findings.append(Finding(OK, "checkpoint", f"ckpt_path resumes at step {step}"))
+            findings += check_resumed_process(cfg, Path(ckpt_path))
     elif cfg.get("resume", "auto") in ("auto", True):
         directory = Path(cfg.paths.output_dir) / "checkpoints"
         found = find_resume_checkpoint(directory)
         state = f"continues from {found}" if found else f"starts fresh (no checkpoint in {directory})"
         findings.append(Finding(OK, "checkpoint", f"resume=auto {state}"))
+        if found:
+            findings += check_resumed_process(cfg, found)
 
     teacher = cfg.get("objective", {}).get("teacher")
     if teacher not in (None, "self", "snapshot"):

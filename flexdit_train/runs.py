@@ -56,6 +56,15 @@ def checkpoint_step(path: Path) -> int | None:
     return int(step) if isinstance(step, int) and "state_dict" in ckpt else None
 
 
+def checkpoint_meta(path: Path) -> dict:
+    """The ``flexdit`` block of one of our Lightning checkpoints ({} when absent or unreadable)."""
+    try:
+        meta = torch.load(path, map_location="cpu", mmap=True, weights_only=True).get("flexdit")
+    except Exception:  # unreadable files are reported by checkpoint_step's callers
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
 def find_resume_checkpoint(checkpoint_dir: str | Path) -> Path | None:
     """The valid checkpoint with the highest global step (newest file on ties).
 

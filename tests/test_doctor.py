@@ -151,6 +151,18 @@ def test_unreadable_resume_checkpoint_fails(capsys, tmp_path):
     assert "not a readable Lightning checkpoint" in lines_of(lines, "FAIL", "checkpoint")[0]
 
 
+def test_resume_checkpoint_of_another_prediction_fails_with_the_override(capsys, tmp_path):
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"global_step": 5, "state_dict": {}, "flexdit": {"diffusion": {"prediction": "v"}}}, ckpt)
+    code, lines = doctor(capsys, "data=synthetic", f"ckpt_path={ckpt}")
+    assert code == 1
+    [line] = lines_of(lines, "FAIL", "checkpoint")
+    assert f"resume checkpoint {ckpt} was trained with prediction=v" in line
+    assert "set objective.diffusion.prediction=v" in line
+    code, _ = doctor(capsys, "data=synthetic", f"ckpt_path={ckpt}", "objective.diffusion.prediction=v")
+    assert code == 0
+
+
 def test_slurm_task_layout_must_match_the_trainer(capsys, monkeypatch):
     for key, value in {"SLURM_JOB_ID": "42", "SLURM_JOB_NAME": "train", "SLURM_NTASKS": "4",
                        "SLURM_NTASKS_PER_NODE": "4", "SLURM_NNODES": "1"}.items():

@@ -138,7 +138,7 @@ def test_resuming_under_another_process_is_refused(tmp_path):
         module.on_load_checkpoint(resumed)
     message = str(err.value)
     assert message.startswith("the resumed checkpoint was trained with prediction=v but the objective uses "
-                              "prediction=epsilon: resume with the run's objective.diffusion settings")
+                              "prediction=epsilon: set objective.diffusion.prediction=v (or start a new run")
     assert "\n" not in message
 
 

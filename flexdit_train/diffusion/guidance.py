@@ -11,13 +11,13 @@ from flexdit_train.diffusion.gaussian_diffusion import ModelFn
 
 
 def cfg_model_fn(
-    model: nn.Module, cfg_scale: float, null_label: int | None = None, guide_all_channels: bool = False
+    model: nn.Module, cfg_scale: float, null_label: int | None = None, guide_all_channels: bool | None = None
 ) -> ModelFn:
     """Wrap a DiT's ``forward_with_cfg`` into ``fn(x, t, y, **kwargs) -> (N, C_out, ...)``.
 
     Follows the DiT recipe (batch doubled, labels ``[y, null]``) but hides the doubling: the caller
     samples N items with N generators. ``null_label`` defaults to ``model.null_class``; by default
-    only the first 3 channels are guided, as in the official sampler.
+    the arch decides the guided channels (a DiT: the first 3, as in the official sampler).
     """
     null = model.null_class if null_label is None else null_label
 

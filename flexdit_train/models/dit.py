@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from flexdit_train.models.arch import arch_of
+
 
 def to_2tuple(size: int | Sequence[int]) -> tuple[int, int]:
     if isinstance(size, int):
@@ -389,17 +391,16 @@ class DiT(nn.Module):
         t: torch.Tensor,
         y: torch.Tensor,
         cfg_scale: float,
-        guide_all_channels: bool = False,
+        guide_all_channels: bool | None = None,
         **kwargs,
     ) -> torch.Tensor:
         """Classifier-free guidance on a batch whose second half carries the null label.
 
-        By default only the first 3 channels are guided, reproducing the official DiT sampler (and its
-        FID 2.27); ``guide_all_channels=True`` guides every eps channel.
+        By default (None: the arch's convention) a DiT guides only its first 3 channels, reproducing the
+        official sampler (and its FID 2.27), and a video DiT all; ``True``/``False`` force all/3.
         """
-        return guided_forward(
-            partial(self.forward, **kwargs), x, t, y, cfg_scale, self.in_channels, guide_all_channels
-        )
+        all_channels = arch_of(self).guide_all_channels(guide_all_channels)
+        return guided_forward(partial(self.forward, **kwargs), x, t, y, cfg_scale, self.in_channels, all_channels)
 
 
 def guided_forward(

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from flexdit_train.models.arch import arch_of
 from flexdit_train.models.dit import DiT, check_patch_divides, guided_forward, modulate, sincos_2d, unpatchify
 
 MODES = ("shared", "lora")
@@ -461,12 +462,13 @@ class FlexDiT(nn.Module):
         y: torch.Tensor,
         cfg_scale: float,
         patch_size: int | None = None,
-        guide_all_channels: bool = False,
+        guide_all_channels: bool | None = None,
         **kwargs,
     ) -> torch.Tensor:
         """Classifier-free guidance at one patch size, same arithmetic as ``DiT.forward_with_cfg``."""
         forward = partial(self.forward, patch_size=patch_size, **kwargs)
-        return guided_forward(forward, x, t, y, cfg_scale, self.in_channels, guide_all_channels)
+        return guided_forward(forward, x, t, y, cfg_scale, self.in_channels,
+                              arch_of(self).guide_all_channels(guide_all_channels))
 
     # ------------------------------------------------------------------ LoRA inference, export
     def _weak_lora_key(self, patch_size: int) -> str:

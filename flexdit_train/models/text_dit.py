@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flexdit_train.models.arch import arch_of
 from flexdit_train.models.dit import (
     DIT_SIZES,
     Attention,
@@ -320,12 +321,13 @@ class TextDiT(PatchModel):
         text_emb: torch.Tensor,
         cfg_scale: float,
         text_mask: torch.Tensor | None = None,
-        guide_all_channels: bool = False,
+        guide_all_channels: bool | None = None,
         **kwargs,
     ) -> torch.Tensor:
         """CFG on a batch whose second half carries :meth:`null_text`; same arithmetic as ``DiT.forward_with_cfg``."""
         forward = partial(self.forward, text_mask=text_mask, **kwargs)
-        return guided_forward(forward, x, t, text_emb, cfg_scale, self.in_channels, guide_all_channels)
+        return guided_forward(forward, x, t, text_emb, cfg_scale, self.in_channels,
+                              arch_of(self).guide_all_channels(guide_all_channels))
 
 
 class FlexTextDiT(FlexPatches, TextDiT):

@@ -256,12 +256,10 @@ class DiffusionModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         meta = checkpoint.get("flexdit", {})
         # Resuming under another process would silently retrain the weights for a different target.
-        process = self.model.diffusion_process
-        mismatch = process_mismatch(meta["diffusion"], process, "the resumed checkpoint", "resume with the run's "
-                                    "objective.diffusion settings, or start a new run (resume=never or another "
-                                    "task_name)") if "diffusion" in meta and process else None
+        trained, process = meta.get("diffusion"), self.model.diffusion_process  # None: a custom diffusion
+        mismatch = process_mismatch(trained, process, "the resumed checkpoint") if trained and process else None
         if mismatch and not (self.run_config or {}).get("allow_process_change", False):
-            raise ValueError(mismatch)
+            raise ValueError(mismatch + " (or start a new run: resume=never or another task_name)")
         self.samples_seen = int(meta.get("samples_seen", 0))
         self.wandb_run_id = meta.get("wandb_run_id")
         states = meta.get("rng_states") or []
