@@ -95,7 +95,7 @@ def run(cfg: DictConfig) -> dict:
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         final_ckpt = run_dir / "checkpoints" / "final.ckpt"
-        trainer.save_checkpoint(final_ckpt)
+        trainer.save_checkpoint(final_ckpt, weights_only=False)  # full state: final.ckpt resumes too
     finally:
         finish_wandb()
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
