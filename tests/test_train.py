@@ -142,6 +142,20 @@ def test_resuming_under_another_process_is_refused(tmp_path):
     assert "\n" not in message
 
 
+@pytest.mark.slow
+def test_a_copied_run_directory_resumes_and_keeps_one_last_checkpoint(tmp_path):
+    import shutil
+
+    base = [*SYNTHETIC, *TINY_MODEL, *TINY_SAMPLING, "logger=csv", "callbacks.model_checkpoint.every_n_train_steps=2"]
+    run(compose_train([*base, "trainer.max_steps=2"], tmp_path / "a"))
+    shutil.copytree(tmp_path / "a", tmp_path / "b", symlinks=True)  # e.g. moved to another filesystem
+    run(compose_train([*base, "trainer.max_steps=4"], tmp_path / "b"))
+    checkpoints = tmp_path / "b" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("last*")) == ["last.ckpt"]
+    assert (checkpoints / "last.ckpt").resolve().name == "step_0000004.ckpt"
+    assert torch.load(checkpoints / "final.ckpt", weights_only=True)["global_step"] == 4
+
+
 def cli(args: list[str], cwd: Path, env_extra: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(TESTS_DIR), "OMP_NUM_THREADS": "1", **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "flexdit_train", *args], cwd=cwd, env=env, capture_output=True,
