@@ -168,9 +168,9 @@ class BudgetSchedule:
         } - {"static"}
         if len(orders) > 1:
             orders.discard("all_weak")
-        if not orders:
-            return "static"
-        order = orders.pop() if len(orders) == 1 else "mixed"
+        if len(orders) > 1:
+            return "mixed"
+        order = orders.pop() if orders else "static"
         return "weak_first" if order == "all_weak" else order
 
     def describe(self) -> str:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from flexdit_train.models.arch import arch_of
+from flexdit_train.models.dit import guided_channels
 
 
 def sample_generator(seed: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -118,8 +118,7 @@ class ScheduledDenoiser(nn.Module):
         self.cfg_scale = cfg_scale
         self.guidance = guidance
         self.weak_scale = weak_guidance_scale(cfg_scale) if weak_scale is None else weak_scale
-        self.guide_all_channels = arch_of(model).guide_all_channels(guide_all_channels)
-        self.guided_channels = model.in_channels if self.guide_all_channels else min(3, model.in_channels)
+        self.guided_channels = guided_channels(model, guide_all_channels)
 
     def combine(self, cond: torch.Tensor, guide: torch.Tensor, scale: float) -> torch.Tensor:
         g = self.guided_channels

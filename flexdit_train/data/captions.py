@@ -72,7 +72,7 @@ class CaptionEmbeddingsWdsDataModule(PixelWdsDataModule):
         sample_posterior: bool = True,
         **kwargs,
     ) -> None:
-        # Captions, not classes, condition the model: the class count is a placeholder for the base checks.
+        # Captions, not classes, condition the model: the base class's label checks see one class.
         super().__init__(image_size=image_size, num_classes=1, **kwargs)
         if self.image_size[0] != self.image_size[1]:
             raise ValueError(f"the ADM center crop is square: set data.image_size to one int, got {image_size}")

@@ -399,24 +399,29 @@ class DiT(nn.Module):
         By default (None: the arch's convention) a DiT guides only its first 3 channels, reproducing the
         official sampler (and its FID 2.27), and a video DiT all; ``True``/``False`` force all/3.
         """
-        all_channels = arch_of(self).guide_all_channels(guide_all_channels)
-        return guided_forward(partial(self.forward, **kwargs), x, t, y, cfg_scale, self.in_channels, all_channels)
+        return guided_forward(self, partial(self.forward, **kwargs), x, t, y, cfg_scale, guide_all_channels)
+
+
+def guided_channels(model: nn.Module, guide_all_channels: bool | None) -> int:
+    """How many eps channels CFG combines: all, or DiT's first 3; None follows the model's arch."""
+    all_channels = arch_of(model).guide_all_channels(guide_all_channels)
+    return model.in_channels if all_channels else min(3, model.in_channels)
 
 
 def guided_forward(
+    model: nn.Module,
     forward,
     x: torch.Tensor,
     t: torch.Tensor,
     y: torch.Tensor,
     cfg_scale: float,
-    in_channels: int,
-    guide_all_channels: bool = False,
+    guide_all_channels: bool | None = None,
 ) -> torch.Tensor:
     """Shared CFG arithmetic: duplicate the conditional half, combine eps = uncond + s * (cond - uncond)."""
     half = x[: len(x) // 2]  # (N/2, C, H, W)
     combined = torch.cat([half, half], dim=0)  # (N, C, H, W)
     model_out = forward(combined, t, y)  # (N, C_out, H, W)
-    guided = in_channels if guide_all_channels else min(3, in_channels)
+    guided = guided_channels(model, guide_all_channels)
     eps, rest = model_out[:, :guided], model_out[:, guided:]
     cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
     half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)

@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from flexdit_train.models.arch import arch_of
 from flexdit_train.models.dit import DiT, check_patch_divides, guided_forward, modulate, sincos_2d, unpatchify
 
 MODES = ("shared", "lora")
@@ -162,7 +161,7 @@ class LoRALinear(nn.Linear):
     """
 
     def __init__(self, base: nn.Linear, keys: Iterable[str], rank: int, alpha: float):
-        # Meta device: the placeholder weight is replaced by the original Parameter right away.
+        # Built on the meta device (nothing allocated): the original Parameters are assigned right away.
         super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
         self.weight = base.weight
         self.bias = base.bias
@@ -467,8 +466,7 @@ class FlexDiT(nn.Module):
     ) -> torch.Tensor:
         """Classifier-free guidance at one patch size, same arithmetic as ``DiT.forward_with_cfg``."""
         forward = partial(self.forward, patch_size=patch_size, **kwargs)
-        return guided_forward(forward, x, t, y, cfg_scale, self.in_channels,
-                              arch_of(self).guide_all_channels(guide_all_channels))
+        return guided_forward(self, forward, x, t, y, cfg_scale, guide_all_channels)
 
     # ------------------------------------------------------------------ LoRA inference, export
     def _weak_lora_key(self, patch_size: int) -> str:

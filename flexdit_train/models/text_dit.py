@@ -33,7 +33,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flexdit_train.models.arch import arch_of
 from flexdit_train.models.dit import (
     DIT_SIZES,
     Attention,
@@ -326,8 +325,7 @@ class TextDiT(PatchModel):
     ) -> torch.Tensor:
         """CFG on a batch whose second half carries :meth:`null_text`; same arithmetic as ``DiT.forward_with_cfg``."""
         forward = partial(self.forward, text_mask=text_mask, **kwargs)
-        return guided_forward(forward, x, t, text_emb, cfg_scale, self.in_channels,
-                              arch_of(self).guide_all_channels(guide_all_channels))
+        return guided_forward(self, forward, x, t, text_emb, cfg_scale, guide_all_channels)
 
 
 class FlexTextDiT(FlexPatches, TextDiT):
