@@ -283,13 +283,16 @@ def for_target(
     cfg: bool = True,
     name: str | None = None,
     weak_first: bool = True,
+    at_most: bool = False,
 ) -> BudgetSchedule:
     """Weak-first schedule x/x with the FEWEST powerful steps whose compute fraction reaches the target.
 
     The schedule therefore never spends less than the target: its fraction lies in
     ``[target, target + (1 - r) / T)`` (r = cost(weak) / cost(native)), within one step's granularity
-    above it. Both branches get the same x, as in the paper's 130/130 and 70/70 schedules.
-    ``weak_first=False`` gives the weak-last ablation with the same x, hence exactly the same compute.
+    above it. ``at_most=True`` instead takes the MOST powerful steps that do not exceed the target
+    (fraction in ``(target - (1 - r) / T, target]``): what a claim "at <= 60% compute" must sample with.
+    Both branches get the same x, as in the paper's 130/130 and 70/70 schedules. ``weak_first=False``
+    gives the weak-last ablation with the same x, hence exactly the same compute.
     """
     num_steps = _check_steps(num_steps)
     if not 0.0 < compute_fraction <= 1.0:
@@ -314,7 +317,14 @@ def for_target(
             f"compute fraction {compute_fraction:.4f} is below the minimum {floor:.4f} reachable with all "
             f"{num_steps} steps at weak patch {weak_patch}; raise the target or use a larger weak patch"
         )
-    # The fraction grows with x and is 1.0 at x = num_steps >= target, so a match always exists.
+    # The fraction grows with x and is 1.0 at x = num_steps >= target, so a match always exists; at x = 0
+    # it is the floor <= target, so an at-most match does too.
+    if at_most:
+        return next(
+            s
+            for s in map(schedule, range(num_steps, -1, -1))
+            if s.compute_fraction(cost) <= compute_fraction + _FRACTION_TOL
+        )
     return next(
         s
         for s in map(schedule, range(num_steps + 1))
@@ -368,7 +378,7 @@ BUDGET_MODES: dict[str, tuple[str, ...]] = {
     "powerful_steps": ("powerful_steps", "powerful_steps_guidance"),
     "powerful_fraction": ("powerful_fraction", "powerful_fraction_guidance"),
     "weak_last": ("powerful_fraction", "powerful_fraction_guidance"),
-    "target": ("compute_fraction", "weak_first"),
+    "target": ("compute_fraction", "weak_first", "at_most"),
 }
 
 
@@ -386,7 +396,8 @@ def build_schedule(
     Modes: ``static``; ``powerful_steps`` (x, y as step counts); ``powerful_fraction`` (x, y as
     fractions of T, rounded half up, so presets work for any T); ``weak_last`` (same fractions,
     powerful steps first); ``target`` (``compute_fraction`` solved with ``cost``, see
-    :func:`for_target`; ``weak_first: false`` puts the same powerful steps first). A missing guidance
+    :func:`for_target`; ``weak_first: false`` puts the same powerful steps first, ``at_most: true``
+    rounds to the schedule that does not exceed the target instead of the one that reaches it). A missing guidance
     parameter means "same as the conditional one"; guidance parameters are ignored without CFG. ``weak_patch`` in the node (e.g. [2, 2, 2], a video DiT's weak
     temporal patch) replaces the sampler's weak patch, so a preset can pick one of several weak modes.
     """
@@ -416,10 +427,12 @@ def build_schedule(
                     "budget.mode='target' needs a cost model (flexdit_train.flops.cost_model) to solve for"
                 )
             fraction = _required(node, "compute_fraction", mode)
-            weak_first = node.get("weak_first", True)
-            if not isinstance(weak_first, bool):
-                raise ValueError(f"budget.weak_first must be true or false, got {weak_first!r}")
-            schedule = for_target(fraction, num_steps, native_patch, weak_patch, cost, cfg, name, weak_first)
+            weak_first, at_most = node.get("weak_first", True), node.get("at_most", False)
+            for key, value in (("weak_first", weak_first), ("at_most", at_most)):
+                if not isinstance(value, bool):
+                    raise ValueError(f"budget.{key} must be true or false, got {value!r}")
+            schedule = for_target(fraction, num_steps, native_patch, weak_patch, cost, cfg, name, weak_first,
+                                  at_most)
         elif mode == "powerful_steps":
             x = _required(node, "powerful_steps", mode)
             schedule = from_powerful_steps(

@@ -1,102 +1,270 @@
-"""The embedded demo (``make train``): FlexiDiT's claim in miniature on the bundled MNIST digits, on CPU.
+"""The embedded demo on the bundled MNIST digits, on CPU: FlexiDiT's claim in miniature.
 
-    python -m flexdit_train.demo [run_name=NAME] [pretrain=[...]] [budgets=[1.0,0.6]]
+    python -m flexdit_train.demo                  # `make train`: flexify the shipped teacher, evaluate, report
+    python -m flexdit_train.demo stage=pretrain   # `make pretrain`: train the teacher, evaluate it, ship it
 
-Stages, each the command a user would type, run in one run directory:
-1. ``python -m flexdit_train +experiment=mnist_pretrain``: a tiny static class-conditional DiT (patch 4);
-2. ``python -m flexdit_train +experiment=mnist_flex``: flexify it (weak patch 8, ~1/4 of the compute);
-3. ``python -m flexdit_train.evaluate``: the static model at 100% and the flexible one at each budget
-   (weak steps first; with ``weak_last_budgets`` also weak steps last at the same compute), scored
-   with the MNIST-classifier FID and label accuracy;
-then ``report.md`` and ``fid_vs_compute.png`` in the run directory. Rerunning with the same ``run_name``
-resumes: finished training stages are not repeated.
+``stage=flexify`` starts from the teacher shipped in the package (``flexdit_train/assets/``), as a user
+starts from the official DiT-XL/2 file, and runs the commands a user would type:
+
+1. ``python -m flexdit_train +experiment=mnist_flex_lora model.pretrained=TEACHER``: LoRA distillation of
+   the weak patch (the native path stays the teacher, bit for bit);
+2. ``python -m flexdit_train.evaluate -m``: the flexible model at each budget (weak steps first, and weak
+   steps last at the same compute), every setting with several sampling seeds, FID against the held-out
+   val digits; the teacher itself too unless the flexible model's native path is the teacher (LoRA);
+
+then ``report.md`` (the table, the verdict in words that its own seed spread supports, the plot) and
+``fid_vs_compute.png`` in the run directory. ``stage=pretrain`` trains the teacher
+(``+experiment=mnist_pretrain``), scores it with the card protocol and writes its EMA weights and a
+provenance card (command, commit, steps, wall-clock, FID, label accuracy) to ``teacher``. Rerunning with
+the same ``run_name`` resumes: finished training stages are not repeated.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from flexdit_train import CONF_DIR
-from flexdit_train.evaluation.report import read_table
+from flexdit_train.evaluation.claims import compare
+from flexdit_train.evaluation.report import metric_column, plot_fid_vs_compute, read_table, seed_statistics
 
 log = logging.getLogger(__name__)
 
 
-def run_stage(name: str, module: str, overrides: list[str], threads: int) -> None:
-    """Run ``python -m module overrides`` and fail with the stage name when it fails."""
+def run_stage(name: str, module: str, overrides: list[str], threads: int) -> float:
+    """Run ``python -m module overrides``; fail with the stage name when it fails. Returns its wall-clock seconds."""
     command = [sys.executable, "-m", module, *overrides]
     print(f"[demo] {name}: {' '.join(command[1:])}", flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    start = time.time()
     result = subprocess.run(command, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"demo stage '{name}' failed (exit {result.returncode}); its log is above")
+    return time.time() - start
 
 
-def fid_key(row: dict) -> str:
-    keys = [k for k in row if k.startswith("fid") and not k.startswith("fid_")]
-    return keys[0] if keys else ""
+def evaluate_sweep(name: str, cfg: DictConfig, run_dir: Path, checkpoint: Path, budget: str, fractions,
+                   sweep_dir: str, extra: list[str] = ()) -> None:
+    """One ``evaluate -m`` sweep over the budget's fractions (if any) and the sampling seeds."""
+    overrides = ["-m", *cfg.evaluate, *extra, f"results_dir={run_dir}", f"checkpoint={checkpoint}", f"budget={budget}",
+                 f"seed={','.join(str(s) for s in cfg.seeds)}", f"hydra.sweep.dir={run_dir / sweep_dir}"]
+    if fractions:
+        overrides.append(f"budget.compute_fraction={','.join(str(f) for f in fractions)}")
+    run_stage(name, "flexdit_train.evaluate", overrides, cfg.threads)
 
 
-def write_report(run_dir: Path, static_ckpt: Path, flex_ckpt: Path) -> Path:
-    """report.md: one row per (model, budget), FID relative to the static model at full compute."""
+def lora_mode(checkpoint: Path) -> bool:
+    """Whether a flexible checkpoint is LoRA-flexified: its native path is then the pretrained model exactly."""
+    from flexdit_train.models.loading import read_checkpoint, select_weights
+
+    raw, meta = read_checkpoint(checkpoint)
+    _, meta = select_weights(raw, str(checkpoint), True, meta)
+    return (meta.get("flex_config") or {}).get("mode") == "lora"
+
+
+def settings_of(rows: list[dict], checkpoint: Path, metric: str) -> list[dict]:
+    """Seed statistics of one checkpoint's settings, strongest budget first, weak-last ones after."""
+    mine = [r for r in rows if Path(str(r["checkpoint"])) == Path(checkpoint)]
+    stats = seed_statistics(mine, [metric, "mnist_accuracy"])
+    return sorted(stats, key=lambda e: (e.get("order") == "weak_last", -float(e["compute_fraction"])))
+
+
+def write_report(run_dir: Path, flex_ckpt: Path, teacher_ckpt: Path | None, tolerance: float = 0.05,
+                 claim_fraction: float = 0.6) -> Path:
+    """report.md: one row per setting (mean +- std over seeds), each against the teacher, and the verdicts.
+
+    ``teacher_ckpt`` None means the flexible model's native path is the teacher (LoRA): its own 100% row is
+    the reference. The words state only what the seed spread supports (:mod:`flexdit_train.evaluation.claims`).
+    """
     rows = read_table(run_dir / "results.csv")
-    static = [r for r in rows if Path(str(r["checkpoint"])) == static_ckpt]
-    flex = sorted((r for r in rows if Path(str(r["checkpoint"])) == flex_ckpt),
-                  key=lambda r: (r.get("order") == "weak_last", -r["compute_fraction"]))
-    if not static or not flex:
-        raise RuntimeError(f"results in {run_dir / 'results.csv'} lack the static or the flexible model")
-    fid = fid_key(static[0])
-    base = static[0][fid]
+    metric = metric_column(rows)
+    flex = settings_of(rows, flex_ckpt, metric) if metric else []
+    teacher = settings_of(rows, teacher_ckpt, metric) if teacher_ckpt is not None and metric else []
+    if teacher_ckpt is None:
+        teacher = [e for e in flex if e.get("order") == "static"][:1]
+    if not flex or not teacher:
+        raise RuntimeError(f"results in {run_dir / 'results.csv'} lack the teacher or the flexible model")
+    reference = teacher[0]
+    first = flex[0]
+    seeds = ", ".join(str(s) for s in reference["seeds"])
     lines = [
         "# FlexiDiT on MNIST: quality against compute",
         "",
-        f"Static DiT (patch 4) vs the same model flexified (patch 4 + weak patch 8). {fid.upper()} in the feature "
-        "space of an MNIST classifier (lower is better) and the accuracy of generated digits against their labels, "
-        f"{static[0]['sampling_steps']} steps, CFG {static[0]['cfg_scale']}.",
+        "A static DiT teacher, flexified with a weak patch that costs ~1/4 of a native step (compute = FLOPs of "
+        "the whole sampling run relative to running every step at the native patch). "
+        f"{metric.upper()} in the feature space of an MNIST classifier against the held-out val digits (lower is "
+        f"better), mean +- std over sampling seeds {seeds} ({first['num_samples']} samples each), "
+        f"{first['sampling_steps']} steps, CFG {first['cfg_scale']}; label accuracy = share of generated digits the "
+        "classifier assigns to their conditioning class.",
         "",
-        f"| model | budget | weak steps | compute | GMAC/image | {fid} | vs static 100% | label accuracy |",
+        f"| model | budget | weak steps | compute | {metric} | vs teacher | what the seed spread supports | label accuracy |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for kind, row in [("static", static[0]), *(("flexible", r) for r in flex)]:
-        order = str(row.get("order") or "").replace("_", " ").replace("static", "none")
+    verdicts = []
+    entries = ([("teacher", reference)] if teacher_ckpt is not None else []) + [("flexible", e) for e in flex]
+    for kind, entry in entries:
+        order = str(entry.get("order") or "").replace("_", " ").replace("static", "none")
+        is_reference = entry is reference
+        c = compare(entry, reference, metric, tolerance)
+        verdicts.append((entry, c))
+        shown = "reference" if is_reference else f"{c.verdict} ({c.relative:+.1%})"
+        name = "flexible (native path = teacher)" if is_reference and kind == "flexible" else kind
         lines.append(
-            f"| {kind} | {row['budget']} | {order} | {row['compute_fraction']:.1%} | {row['gmacs_per_image']:.2f} | "
-            f"{row[fid]:.3f} | {row[fid] / base - 1:+.1%} | {row.get('mnist_accuracy', float('nan')):.3f} |"
+            f"| {name} | {entry['budget']} | {order} | {float(entry['compute_fraction']):.1%} | "
+            f"{entry[metric]:.2f} +- {entry[f'{metric}_std']:.2f} | {c.relative:+.1%} | {shown} | "
+            f"{entry.get('mnist_accuracy', float('nan')):.3f} |"
         )
-    lines += ["", "![FID vs compute](fid_vs_compute.png)", "", f"Checkpoints: `{static_ckpt}`, `{flex_ckpt}`."]
+    lines += ["", "## Verdict", ""]
+    cheap = [(e, c) for e, c in verdicts if e.get("order") == "weak_first"
+             and float(e["compute_fraction"]) <= claim_fraction + 1e-9]
+    if cheap:
+        e, c = min(cheap, key=lambda ec: float(ec[0]["compute_fraction"]))
+        held = ", ".join(f"{float(x['compute_fraction']):.1%}" for x, xc in cheap if xc.within)
+        lines.append(
+            f"- **Same quality at <= {claim_fraction:.0%} compute** (the mean within {tolerance:.0%} of the teacher's): "
+            + (f"holds at {held}." if held else "does not hold.")
+            + f" At the cheapest budget, {float(e['compute_fraction']):.1%}: {c.describe()}."
+        )
+    last = {round(float(e["compute_fraction"]), 3): e for e, _ in verdicts if e.get("order") == "weak_last"}
+    for e, _ in verdicts:
+        other = last.get(round(float(e["compute_fraction"]), 3)) if e.get("order") == "weak_first" else None
+        if other is not None:
+            gap = compare(other, e, metric, 0.0)
+            sure = "beyond" if gap.verdict == "worse" else "within"
+            lines.append(
+                f"- **Weak steps first vs last** at {float(e['compute_fraction']):.1%}: {e[metric]:.2f} vs "
+                f"{other[metric]:.2f}; weak-first is {'better' if e[metric] < other[metric] else 'not better'}, "
+                f"a gap {sure} the seed spread."
+            )
+    lines += [
+        f"- This demo samples {first['num_samples']} digits per seed with {len(reference['seeds'])} seeds; a gap "
+        "smaller than the spread shown is noise. The full protocol (2,000 digits x 3 seeds, DDIM-50 and "
+        "DDPM-250, a matched-steps control, LoRA and shared fine-tunes) is `benchmarks/mnist_flex_repro.py`, "
+        "its numbers in docs/performance.md.",
+        "",
+        "![FID vs compute](fid_vs_compute.png)",
+        "",
+        f"Checkpoints: flexible `{flex_ckpt}`" + (f", teacher `{teacher_ckpt}`." if teacher_ckpt is not None else "."),
+    ]
+    plot_fid_vs_compute(rows, run_dir / "fid_vs_compute.png", reference=("teacher", float(reference[metric])),
+                        tolerance=tolerance, title=f"{metric}, mean +- std over {len(reference['seeds'])} seeds")
     path = run_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
+def flexify_stage(cfg: DictConfig, run_dir: Path) -> Path:
+    """`make train`: flexify the shipped teacher, evaluate at every budget and seed, write the report."""
+    teacher = Path(str(cfg.teacher))
+    if not teacher.is_file():
+        raise FileNotFoundError(f"teacher checkpoint {teacher} not found; run `make pretrain` to train it, or pass "
+                                "teacher=PATH")
+    flex_dir = run_dir / "flex"
+    flex_ckpt = flex_dir / "checkpoints" / "final.ckpt"
+    run_stage("flexify", "flexdit_train", [*cfg.flexify, f"model.pretrained={teacher}", f"hydra.run.dir={flex_dir}"],
+              cfg.threads)
+    teacher_ref = None if lora_mode(flex_ckpt) else teacher
+    if teacher_ref is not None:
+        evaluate_sweep("evaluate teacher", cfg, run_dir, teacher, "static", None, "eval_teacher")
+    evaluate_sweep("evaluate weak first", cfg, run_dir, flex_ckpt, "target", cfg.budgets, "eval_flex")
+    if cfg.weak_last_budgets:
+        evaluate_sweep("evaluate weak last", cfg, run_dir, flex_ckpt, "target_weak_last", cfg.weak_last_budgets,
+                       "eval_flex_weak_last")
+    return write_report(run_dir, flex_ckpt, teacher_ref, float(cfg.tolerance), float(cfg.claim_fraction))
+
+
+def git_commit() -> str:
+    """The commit of the source tree (with ``-dirty`` when it has uncommitted changes), or ``unknown``."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def pretrain_stage(cfg: DictConfig, run_dir: Path) -> Path:
+    """`make pretrain`: train the teacher, then :func:`ship_teacher`."""
+    pretrain_dir = run_dir / "pretrain"
+    seconds = run_stage("pretrain", "flexdit_train", [*cfg.pretrain, f"hydra.run.dir={pretrain_dir}"], cfg.threads)
+    command = "make pretrain  (python -m flexdit_train.demo stage=pretrain, i.e. " + " ".join(
+        ["python -m flexdit_train", *cfg.pretrain]) + ")"
+    return ship_teacher(cfg, run_dir, pretrain_dir / "checkpoints" / "final.ckpt", command, seconds)
+
+
+def ship_teacher(cfg: DictConfig, run_dir: Path, ckpt: Path, command: str, stage_seconds: float) -> Path:
+    """Score a trained teacher with the card protocol (every seed), export its EMA weights to ``cfg.teacher`` and
+    write the provenance card next to them (same name, ``.json``). The training wall-clock is the one the
+    checkpoint accumulated over all its sessions (resumes included), else the stage's own time."""
+    import torch
+
+    from flexdit_train.models.loading import export_safetensors, from_pretrained
+
+    evaluate_sweep("evaluate teacher", cfg, run_dir, ckpt, "static", None, "eval_teacher", list(cfg.teacher_evaluate))
+    rows = [r for r in read_table(run_dir / "results.csv") if Path(str(r["checkpoint"])) == ckpt]
+    metric = metric_column(rows)
+    stats = seed_statistics(rows, [metric, "mnist_accuracy"])
+    if len(stats) != 1:
+        raise RuntimeError(f"expected one teacher setting in {run_dir / 'results.csv'}, found {len(stats)}")
+    stats = stats[0]
+    teacher = Path(str(cfg.teacher))
+    model = from_pretrained(ckpt)  # the EMA weights
+    export_safetensors(model, teacher)
+    trained = torch.load(ckpt, map_location="cpu", weights_only=True)
+    meta = trained["flexdit"]
+    card = {
+        "weights": teacher.name,
+        "sha256": hashlib.sha256(teacher.read_bytes()).hexdigest(),
+        "what": "EMA weights of a static class-conditional DiT trained on the bundled MNIST train digits",
+        "command": command,
+        "commit": git_commit(),
+        "steps": int(trained["global_step"]),
+        "global_batch_size": int(meta["config"]["data"]["global_batch_size"]),
+        "train_wall_clock_s": round(float(meta.get("train_seconds") or stage_seconds), 1),
+        "train_threads": int(os.environ.get("OMP_NUM_THREADS", cfg.threads)),
+        "model_config": dict(model.config),
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "diffusion": model.diffusion_process,
+        "evaluation": {
+            "metric": metric,
+            "protocol": [*cfg.evaluate, *cfg.teacher_evaluate, "budget=static"],
+            "seeds": stats["seeds"],
+            "fid_mean": stats[metric], "fid_std": stats[f"{metric}_std"],
+            "label_accuracy_mean": stats["mnist_accuracy"], "label_accuracy_std": stats["mnist_accuracy_std"],
+        },
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                    "python": platform.python_version(), "torch": torch.__version__},
+        "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    card_path = teacher.with_suffix(".json")
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    print(json.dumps(card["evaluation"], indent=2))
+    return card_path
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="demo")
 def main(cfg: DictConfig) -> None:
+    log.info("demo config:\n%s", OmegaConf.to_yaml(cfg))
     run_dir = Path(cfg.paths.output_dir)
-    pretrain_dir, flex_dir = run_dir / "pretrain", run_dir / "flex"
-    static_ckpt = pretrain_dir / "checkpoints" / "final.ckpt"
-    flex_ckpt = flex_dir / "checkpoints" / "final.ckpt"
-    run_stage("pretrain", "flexdit_train", [*cfg.pretrain, f"hydra.run.dir={pretrain_dir}"], cfg.threads)
-    run_stage("flexify", "flexdit_train",
-              [*cfg.flexify, f"model.pretrained={static_ckpt}", f"hydra.run.dir={flex_dir}"], cfg.threads)
-    evaluate = [*cfg.evaluate, f"results_dir={run_dir}"]
-    run_stage("evaluate static", "flexdit_train.evaluate",
-              [*evaluate, f"checkpoint={static_ckpt}", "budget=static", f"hydra.run.dir={run_dir / 'eval_static'}"],
-              cfg.threads)
-    for budget, fractions, sweep_dir in [("target", cfg.budgets, "eval_flex"),
-                                         ("target_weak_last", cfg.weak_last_budgets, "eval_flex_weak_last")]:
-        if fractions:
-            run_stage(f"evaluate {budget}", "flexdit_train.evaluate",
-                      ["-m", *evaluate, f"checkpoint={flex_ckpt}", f"budget={budget}",
-                       f"budget.compute_fraction={','.join(str(f) for f in fractions)}",
-                       f"hydra.sweep.dir={run_dir / sweep_dir}"], cfg.threads)
-    report = write_report(run_dir, static_ckpt, flex_ckpt)
+    if cfg.stage == "pretrain":
+        card = pretrain_stage(cfg, run_dir)
+        print(f"teacher: {cfg.teacher}\ncard: {card}\nrun directory: {run_dir}")
+        return
+    if cfg.stage != "flexify":
+        raise ValueError(f"stage={cfg.stage!r}: use stage=flexify (make train) or stage=pretrain (make pretrain)")
+    report = flexify_stage(cfg, run_dir)
     print(report.read_text())
     print(f"report: {report}\nplot: {run_dir / 'fid_vs_compute.png'}\nrun directory: {run_dir}")
 

@@ -1,11 +1,13 @@
-"""Results shared by a sweep: a CSV + Markdown table (one row per checkpoint, budget and preset), the
-FID-vs-compute plot regenerated from it, and optional W&B logging that never fails an evaluation."""
+"""Results shared by a sweep: a CSV + Markdown table (one row per checkpoint, budget, preset, sampling
+steps, CFG scale and seed), the FID-vs-compute plot regenerated from it (seeds of one setting averaged,
+their spread as error bars), and optional W&B logging that never fails an evaluation."""
 
 from __future__ import annotations
 
 import csv
 import fcntl
 import logging
+import math
 import netrc
 import os
 import re
@@ -16,7 +18,11 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 TABLE_CSV, TABLE_MD, PLOT_PNG = "results.csv", "results.md", "fid_vs_compute.png"
-KEY_COLUMNS = ("checkpoint", "budget", "preset")
+# One row per evaluated setting: the same checkpoint and budget sampled with another seed, step count or
+# guidance scale is another measurement, not a re-evaluation to replace.
+KEY_COLUMNS = ("checkpoint", "budget", "preset", "sampling_steps", "cfg_scale", "seed")
+# A setting without its seed: the rows that seed statistics average over.
+SETTING_COLUMNS = tuple(k for k in KEY_COLUMNS if k != "seed")
 BASE_COLUMNS = (*KEY_COLUMNS, "order", "compute_fraction", "gmacs_per_image", "nfe", "num_samples",
                 "sampling_steps", "cfg_scale", "seed")
 FID_COLUMN = re.compile(r"^fid\d")
@@ -65,8 +71,8 @@ def _parse(value: str):
 
 
 def record_result(results_dir: str | os.PathLike, row: Mapping) -> dict[str, Path]:
-    """Insert ``row`` into the table (replacing the row with the same checkpoint, budget and preset),
-    then rewrite the CSV, the Markdown table and the plot; returns their paths."""
+    """Insert ``row`` into the table (replacing the row with the same key: checkpoint, budget, preset,
+    sampling steps, CFG scale and seed), then rewrite the CSV, the Markdown table and the plot; returns their paths."""
     results_dir = Path(results_dir)
     paths = {"csv": results_dir / TABLE_CSV, "markdown": results_dir / TABLE_MD, "plot": results_dir / PLOT_PNG}
     with _locked(results_dir):
@@ -120,43 +126,92 @@ def markdown_table(rows: list[Mapping], columns: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_fid_vs_compute(rows: list[Mapping], path: str | os.PathLike) -> Path | None:
-    """FID against compute (% of static FLOPs), one line per (checkpoint, preset, schedule order, FID-n);
-    a checkpoint's static (100%) point starts each of its lines. None without FIDs."""
+def metric_column(rows: list[Mapping], pattern: re.Pattern = FID_COLUMN) -> str | None:
+    """The first column of ``rows`` that matches ``pattern`` (the FID column, e.g. ``fid2000``)."""
+    for r in rows:
+        for column in r:
+            if pattern.match(column):
+                return column
+    return None
+
+
+def seed_statistics(rows: list[Mapping], metrics: list[str]) -> list[dict]:
+    """One entry per setting (checkpoint, budget, preset, sampling steps, CFG scale): the setting's
+    columns, ``seeds`` (sorted), ``n_seeds`` and, for each metric, ``<metric>`` (the mean over seeds) and
+    ``<metric>_std`` (sample standard deviation, 0 for one seed). Rows lacking a metric are skipped for it."""
+    groups: dict[tuple, list[Mapping]] = {}
+    for r in rows:
+        groups.setdefault(tuple(str(r.get(k, "")) for k in SETTING_COLUMNS), []).append(r)
+    out = []
+    for members in groups.values():
+        first = members[0]
+        entry = {k: first.get(k, "") for k in (*SETTING_COLUMNS, "order", "compute_fraction", "gmacs_per_image",
+                                                "num_samples")}
+        entry["seeds"] = sorted(int(r["seed"]) for r in members if isinstance(r.get("seed"), int))
+        entry["n_seeds"] = len(members)
+        for metric in metrics:
+            values = [float(r[metric]) for r in members if isinstance(r.get(metric), int | float)]
+            if values:
+                mean = sum(values) / len(values)
+                var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+                entry[metric], entry[f"{metric}_std"] = mean, math.sqrt(var)
+        out.append(entry)
+    return out
+
+
+def plot_fid_vs_compute(rows: list[Mapping], path: str | os.PathLike, reference: tuple[str, float] | None = None,
+                        tolerance: float = 0.05, title: str | None = None) -> Path | None:
+    """FID against compute (% of static FLOPs), one line per (checkpoint, preset, sampling steps, schedule
+    order, FID-n); seeds of one setting are averaged, their standard deviation drawn as error bars. A
+    checkpoint's static (100%) point starts each of its lines. ``reference`` (label, FID) draws that FID with
+    a +-``tolerance`` band. None without FIDs."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on clusters
     import matplotlib.pyplot as plt
 
-    series: dict[tuple[str, str, str, str], list[tuple[float, float, str]]] = {}
-    static_points: dict[tuple[str, str, str], list[tuple[float, float, str]]] = {}
+    fid_columns = sorted({c for r in rows for c in r if FID_COLUMN.match(c)})
+    series: dict[tuple, list[tuple[float, float, float, str]]] = {}
+    static_points: dict[tuple, list[tuple[float, float, float, str]]] = {}
     checkpoint_names = short_names(r["checkpoint"] for r in rows)
-    for r in rows:
-        for column, value in r.items():
-            if FID_COLUMN.match(column) and isinstance(value, int | float):
-                base = (checkpoint_names[str(r["checkpoint"])], str(r["preset"]), column)
-                point = (100 * float(r["compute_fraction"]), float(value), str(r["budget"]))
-                order = str(r.get("order") or "")
-                if order == "static":
-                    static_points.setdefault(base, []).append(point)
-                else:
-                    series.setdefault((*base, order), []).append(point)
+    for entry in seed_statistics(rows, fid_columns):
+        for column in fid_columns:
+            if column not in entry:
+                continue
+            base = (checkpoint_names[str(entry["checkpoint"])], str(entry["preset"]), str(entry["sampling_steps"]),
+                    column)
+            point = (100 * float(entry["compute_fraction"]), entry[column], entry[f"{column}_std"],
+                     str(entry["budget"]))
+            order = str(entry.get("order") or "")
+            if order == "static":
+                static_points.setdefault(base, []).append(point)
+            else:
+                series.setdefault((*base, order), []).append(point)
     for base, points in static_points.items():
-        lines = [key for key in series if key[:3] == base] or [(*base, "static")]
+        lines = [key for key in series if key[:4] == base] or [(*base, "static")]
         for key in lines:
             series.setdefault(key, []).extend(points)
     if not series:
         return None
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for (checkpoint, preset, fid_name, order), points in sorted(series.items()):
+    fig, ax = plt.subplots(figsize=(7.2, 4.8))
+    if reference is not None:
+        label, value = reference
+        ax.axhspan(value * (1 - tolerance), value * (1 + tolerance), color="0.85", zorder=0,
+                   label=f"{label} {value:.3g} +-{tolerance:.0%}")
+        ax.axhline(value, color="0.5", lw=0.8, zorder=0)
+    steps_differ = len({key[2] for key in series}) > 1
+    for (checkpoint, preset, steps, fid_name, order), points in sorted(series.items()):
         points.sort()
-        xs, ys, names = zip(*points)
-        label = f"{checkpoint} / {preset}" + (f" / {order.replace('_', '-')}" if order else "") + f" ({fid_name})"
-        ax.plot(xs, ys, marker="o", label=label)
-        for x, y, name in points:
+        xs, ys, errs, names = zip(*points)
+        label = f"{checkpoint} / {preset}" + (f" / {steps}" if steps_differ else "")
+        label += (f" / {order.replace('_', '-')}" if order else "") + f" ({fid_name})"
+        ax.errorbar(xs, ys, yerr=errs, marker="o", ms=4, capsize=3, label=label)
+        for x, y, _, name in points:
             ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xlabel("compute (% of static-sampling FLOPs)")
-    ax.set_ylabel("FID")
+    ax.set_ylabel("FID (mean over seeds, error bar: std)")
+    if title:
+        ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

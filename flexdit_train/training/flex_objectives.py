@@ -20,7 +20,9 @@ from flexdit_train.budget import Patch, as_patch
 from flexdit_train.diffusion import process_mismatch
 from flexdit_train.models.arch import arch_of
 from flexdit_train.models.loading import from_pretrained
+from flexdit_train.sampling import patch_volume
 from flexdit_train.training.ema import make_ema
+from flexdit_train.training.mmd import BootstrappedMMD
 from flexdit_train.training.module import DiffusionModule
 
 
@@ -64,17 +66,85 @@ def check_sizes_available(model: nn.Module, sizes, what: str) -> None:
         check_divides(tuple(model.input_size), p)
 
 
-class FlexSharedModule(DiffusionModule):
-    """Shared-parameter flexification: the DiT diffusion loss at a patch size drawn every step."""
+class TimestepRanges:
+    """The noise levels each patch size trains on: ``{patch: [lo, hi]}`` as fractions of the chain (0 = clean
+    data, 1 = pure noise); step indices are uniform in [lo·T, hi·T). Sizes not listed train on the whole
+    chain. A weak size that sampling schedules only use on the noisy start need not spend its training on
+    low-noise steps, where its coarse tokens cannot match the native prediction anyway."""
 
-    def __init__(self, *args, patch_size_weights: Mapping[int, float] | None = None, **kwargs):
+    def __init__(self, ranges: Mapping[Any, Any] | None, num_timesteps: int):
+        self.ranges: dict[Patch, tuple[int, int]] = {}
+        for patch, bounds in (ranges or {}).items():
+            lo, hi = (float(b) for b in bounds)
+            if not 0.0 <= lo < hi <= 1.0:
+                raise ValueError(
+                    f"timestep_ranges[{patch}] = {list(bounds)} must satisfy 0 <= lo < hi <= 1 "
+                    "(fractions of the chain: 0 = clean, 1 = pure noise)"
+                )
+            first, last = int(round(lo * num_timesteps)), max(int(round(hi * num_timesteps)), int(round(lo * num_timesteps)) + 1)
+            self.ranges[as_patch(patch)] = (first, min(last, num_timesteps))
+
+    def sample(self, diffusion, n: int, device, patch: Patch | None) -> torch.Tensor:
+        """(n,) step indices for a batch at ``patch``."""
+        bounds = self.ranges.get(patch)
+        if bounds is None:
+            return diffusion.sample_timesteps(n, device)
+        first, last = bounds
+        return torch.randint(first, last, (n,), device=device)
+
+
+class FlexSharedModule(DiffusionModule):
+    """Shared-parameter flexification: the DiT diffusion loss at a patch size drawn every step.
+
+    Knobs against the weak steps' interference with the shared (native) weights: ``patch_size_loss_weights``
+    scales the loss (hence the gradient) of steps at a size, ``timestep_ranges`` restricts the noise levels a
+    size trains on, and ``mmd`` adds the paper's bootstrapped distribution-matching loss
+    (:class:`~flexdit_train.training.mmd.BootstrappedMMD`) on chains that run weak steps first.
+    """
+
+    def __init__(
+        self,
+        *args,
+        patch_size_weights: Mapping[int, float] | None = None,
+        patch_size_loss_weights: Mapping[int, float] | None = None,
+        timestep_ranges: Mapping[int, Any] | None = None,
+        mmd: Mapping[str, Any] | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         weights = size_weights(patch_size_weights, self.model.patch_sizes)
         check_sizes_available(self.model, weights, "the shared objective")
         self.patch_size_sampler = PatchSizeSampler(weights, self.seed)
+        self.loss_weights = {as_patch(p): float(w) for p, w in (patch_size_loss_weights or {}).items()}
+        check_sizes_available(self.model, self.loss_weights, "patch_size_loss_weights")
+        self.timestep_ranges = TimestepRanges(timestep_ranges, self.diffusion.num_timesteps)
+        check_sizes_available(self.model, self.timestep_ranges.ranges, "timestep_ranges")
+        self.mmd = BootstrappedMMD(**dict(mmd or {}))
 
     def patch_size_for_step(self, step: int) -> Patch:
         return self.patch_size_sampler(step)
+
+    def sample_timesteps(self, n: int, device, patch_size) -> torch.Tensor:
+        return self.timestep_ranges.sample(self.diffusion, n, device, patch_size)
+
+    def compute_losses(self, batch: dict, patch_size: Patch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        t, terms = super().compute_losses(batch, patch_size)
+        weight = self.loss_weights.get(patch_size, 1.0)
+        if weight != 1.0:
+            terms = {**terms, "loss": terms["loss"] * weight}
+        return t, terms
+
+    def batch_losses(self, batch: dict, patch_size: Patch) -> dict[str, torch.Tensor]:
+        if not self.mmd.active(self.global_step) or batch["x"].shape[0] < 4:
+            return {}
+        native = self.model.native_patch_size
+        weak = max(self.model.patch_sizes, key=patch_volume)
+        rng = np.random.default_rng([self.seed, int(self.global_step), 1])
+        loss, drawn = self.mmd.loss(self.model, batch["x"], self.model_cond(batch, None),
+                                    self.diffusion.process, self.model.learn_sigma, native, weak, rng)
+        for name, value in drawn.items():
+            self.log(f"train/{name}", value, rank_zero_only=True)
+        return {"mmd_loss": loss}
 
 
 class DistillModule(DiffusionModule):
@@ -95,6 +165,7 @@ class DistillModule(DiffusionModule):
         patch_size_weights: Mapping[int, float] | None = None,
         teacher: str | None = "self",
         data_loss_weight: float = 0.0,
+        timestep_ranges: Mapping[int, Any] | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -109,6 +180,8 @@ class DistillModule(DiffusionModule):
         self.label_dropout = float(self.model.config[self.arch.dropout_key])
         self.teacher_source = teacher
         self.teacher = self.build_teacher(teacher)
+        self.timestep_ranges = TimestepRanges(timestep_ranges, self.diffusion.num_timesteps)
+        check_sizes_available(self.model, self.timestep_ranges.ranges, "timestep_ranges")
 
     def build_teacher(self, teacher: str | None) -> nn.Module | None:
         """None means "the student's own native path"; otherwise a frozen fp32 network kept in eval mode."""
@@ -133,13 +206,16 @@ class DistillModule(DiffusionModule):
     def patch_size_for_step(self, step: int) -> Patch:
         return self.patch_size_sampler(step)
 
+    def sample_timesteps(self, n: int, device, patch_size) -> torch.Tensor:
+        return self.timestep_ranges.sample(self.diffusion, n, device, patch_size)
+
     def frozen_networks(self) -> list[nn.Module]:
         return [self.ema] if self.teacher is None else [self.ema, self.teacher]
 
     def compute_losses(self, batch: dict, patch_size: Patch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x0 = batch["x"]  # (N, C, H, W) or video (N, C, F, H, W)
         n = x0.shape[0]
-        t = self.diffusion.sample_timesteps(n, x0.device)  # (N,) indices into the (possibly respaced) process
+        t = self.sample_timesteps(n, x0.device, patch_size)  # (N,) indices into the (possibly respaced) process
         noise = torch.randn_like(x0)
         x_t = self.diffusion.q_sample(x0, t, noise=noise)  # like x0
         t_model = self.diffusion.timestep_map.to(t.device)[t]  # (N,) the original timesteps the net knows

@@ -22,7 +22,8 @@ DECAYS = ("constant", "cosine")
 class WarmupDecay:
     """LR factor at step s: linear from ``start_factor`` to 1 over ``warmup_steps``; then 1 (``constant``) or
     a cosine from 1 down to ``final_factor`` at ``total_steps`` (``cosine``), constant afterwards: a run
-    continued past its schedule keeps the final LR instead of restarting the cycle."""
+    continued past its schedule keeps the final LR instead of restarting the cycle. A run shorter than its
+    warmup (a smoke test) only warms up."""
 
     warmup_steps: int = 0
     decay: str = "constant"
@@ -35,10 +36,10 @@ class WarmupDecay:
             raise ValueError(f"lr_scheduler.decay={self.decay!r} is not one of {DECAYS}")
         if self.warmup_steps < 0:
             raise ValueError(f"lr_scheduler.warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.decay == "cosine" and (self.total_steps is None or self.total_steps <= self.warmup_steps):
+        if self.decay == "cosine" and (self.total_steps is None or self.total_steps < 1):
             raise ValueError(
-                f"a cosine decay needs total_steps > warmup_steps, got total_steps={self.total_steps}, "
-                f"warmup_steps={self.warmup_steps}; set lr_scheduler.total_steps (default: trainer.max_steps)"
+                f"a cosine decay needs total_steps >= 1, got {self.total_steps}; set lr_scheduler.total_steps "
+                "(default: trainer.max_steps)"
             )
         if not 0.0 <= self.final_factor <= 1.0 or not 0.0 < self.start_factor <= 1.0:
             raise ValueError(
@@ -51,7 +52,8 @@ class WarmupDecay:
             return self.start_factor + (1.0 - self.start_factor) * step / self.warmup_steps
         if self.decay == "constant":
             return 1.0
-        progress = min(1.0, (step - self.warmup_steps) / (self.total_steps - self.warmup_steps))
+        span = self.total_steps - self.warmup_steps
+        progress = 1.0 if span <= 0 else min(1.0, (step - self.warmup_steps) / span)
         return self.final_factor + (1.0 - self.final_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 

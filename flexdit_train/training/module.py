@@ -9,6 +9,7 @@ by ``flexdit_train.models.from_pretrained``.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -105,6 +106,8 @@ class DiffusionModule(L.LightningModule):
         self.wandb_run_id: str | None = None
         self._last_ema_step = -1
         self._restored_rng: dict | None = None
+        self.train_seconds = 0.0  # training wall-clock of earlier sessions of this run (resumes add up)
+        self._session_start: float | None = None
 
     # ----------------------------------------------------------------------------- training
     def patch_size_for_step(self, step: int) -> Any:
@@ -124,18 +127,29 @@ class DiffusionModule(L.LightningModule):
             cond["patch_size"] = patch_size
         return cond
 
+    def sample_timesteps(self, n: int, device: torch.device, patch_size: Any) -> torch.Tensor:
+        """(n,) training step indices of a batch at ``patch_size``; uniform over the chain by default."""
+        return self.diffusion.sample_timesteps(n, device)
+
     def compute_losses(self, batch: dict, patch_size: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-sample losses (N,) and their timesteps (N,) for one batch."""
         x0 = batch["x"]
-        t = self.diffusion.sample_timesteps(x0.shape[0], x0.device)  # (N,)
+        t = self.sample_timesteps(x0.shape[0], x0.device, patch_size)  # (N,)
         terms = self.diffusion.training_losses(self.model, x0, t, cond=self.model_cond(batch, patch_size))
         return t, terms
+
+    def batch_losses(self, batch: dict, patch_size: Any) -> dict[str, torch.Tensor]:
+        """Weighted scalar losses over the whole batch added to the per-sample ones (none by default)."""
+        return {}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         patch_size = self.patch_size_for_step(self.global_step)
         t, terms = self.compute_losses(batch, patch_size)
-        loss = terms["loss"].mean()
+        extra = self.batch_losses(batch, patch_size)
+        loss = terms["loss"].mean() + sum(extra.values())
         batch_size = batch["x"].shape[0]
+        for name, value in extra.items():
+            self.log(f"train/{name}", value, sync_dist=True, batch_size=batch_size)
         self.samples_seen += batch_size * self.trainer.world_size
         self.last_step_flops = self.step_flops(batch["x"], patch_size)
         self.log("train/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch_size)
@@ -187,7 +201,13 @@ class DiffusionModule(L.LightningModule):
             self._last_ema_step = self.global_step
 
     # ----------------------------------------------------------------------- seeds and compile
+    def trained_seconds(self) -> float:
+        """Training wall-clock of the whole run so far: earlier sessions plus this one."""
+        current = 0.0 if self._session_start is None else time.monotonic() - self._session_start
+        return self.train_seconds + current
+
     def on_train_start(self) -> None:
+        self._session_start = time.monotonic()
         # Ranks must differ (else they sample the same timesteps and noise); a resumed run continues
         # exactly where its checkpoint left this rank's generators.
         if self._restored_rng is not None:
@@ -240,6 +260,7 @@ class DiffusionModule(L.LightningModule):
             "diffusion": self.model.diffusion_process,
             "config": self.run_config,
             "samples_seen": self.samples_seen,
+            "train_seconds": round(self.trained_seconds(), 3),
             "wandb_run_id": self.wandb_run_id,
             "rng_states": self.gather_rng_states(),
         }
@@ -261,6 +282,7 @@ class DiffusionModule(L.LightningModule):
         if mismatch and not (self.run_config or {}).get("allow_process_change", False):
             raise ValueError(mismatch + " (or start a new run: resume=never or another task_name)")
         self.samples_seen = int(meta.get("samples_seen", 0))
+        self.train_seconds = float(meta.get("train_seconds", 0.0))
         self.wandb_run_id = meta.get("wandb_run_id")
         states = meta.get("rng_states") or []
         rank = self.global_rank if self._trainer is not None else 0
