@@ -62,6 +62,21 @@ def test_for_target_hits_within_one_step(target, steps, cfg):
     assert s.cond_patch_sizes[0] == 4 or fraction == 1.0  # weak first
 
 
+@pytest.mark.parametrize("target, steps", [(0.6, 50), (0.6, 25), (0.45, 250), (0.3, 50), (1.0, 50)])
+def test_at_most_target_never_exceeds_it_and_takes_every_step_it_can(target, steps):
+    r = XL_COST(4) / XL_COST(2)
+    below = for_target(target, steps, 2, 4, XL_COST, at_most=True)
+    fraction = below.compute_fraction(XL_COST)
+    assert target - (1 - r) / steps < fraction <= target + 1e-9
+    above = for_target(target, steps, 2, 4, XL_COST)
+    assert above.compute_fraction(XL_COST) >= fraction  # one step apart at most, same order
+    assert below.cond_patch_sizes[0] == 4 or fraction == 1.0
+    node = {"mode": "target", "compute_fraction": target, "at_most": True}
+    assert build_schedule(node, steps, 2, 4, XL_COST).compute_fraction(XL_COST) == fraction
+    with pytest.raises(ValueError, match="budget.at_most must be true or false"):
+        build_schedule({**node, "at_most": "yes"}, steps, 2, 4, XL_COST)
+
+
 def test_for_target_errors():
     with pytest.raises(
         ValueError, match=r"below the minimum 0\.24\d+ reachable with all 250 steps at weak patch 4"

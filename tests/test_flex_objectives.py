@@ -9,24 +9,13 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from helpers.models import pretrained_like
 
 from flexdit_train.data.synthetic import SyntheticDataModule
 from flexdit_train.diffusion import create_diffusion
-from flexdit_train.models import DiT, export_safetensors
+from flexdit_train.models import export_safetensors
 from flexdit_train.models.flex import flexify
 from flexdit_train.training.flex_objectives import DistillModule, FlexSharedModule, PatchSizeSampler
-
-
-def pretrained_like(seed: int = 0) -> DiT:
-    """A tiny DiT whose zero-initialised layers got values, standing in for a pretrained static model."""
-    torch.manual_seed(seed)
-    model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=5)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "adaLN_modulation" in name or "final_layer.linear" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model
 
 
 def adamw(lr: float):

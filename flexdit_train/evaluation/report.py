@@ -23,8 +23,8 @@ TABLE_CSV, TABLE_MD, PLOT_PNG = "results.csv", "results.md", "fid_vs_compute.png
 KEY_COLUMNS = ("checkpoint", "budget", "preset", "sampling_steps", "cfg_scale", "seed")
 # A setting without its seed: the rows that seed statistics average over.
 SETTING_COLUMNS = tuple(k for k in KEY_COLUMNS if k != "seed")
-BASE_COLUMNS = (*KEY_COLUMNS, "order", "compute_fraction", "gmacs_per_image", "nfe", "num_samples",
-                "sampling_steps", "cfg_scale", "seed")
+BASE_COLUMNS = ("checkpoint", "budget", "preset", "order", "compute_fraction", "gmacs_per_image", "nfe",
+                "num_samples", "sampling_steps", "cfg_scale", "seed")
 FID_COLUMN = re.compile(r"^fid\d")
 
 
