@@ -137,7 +137,7 @@ def encode_shard(job: EncodeJob) -> dict:
         "url": job.url,
         "out": job.out,
         "count": written,
-        "skipped": dict(stats.skipped),
+        "skipped": dict(stats.lost),
         "latent_shape": shape,
         "elements": written * math.prod(shape),
         "sum": sums[0].tolist(),

@@ -2,9 +2,13 @@
 
 Training: each rank reads a disjoint subset of the shards (``urls[rank::world]``), resampled with
 replacement forever; every worker's RNGs derive from ``(seed, position, rank, worker)`` where
-``position`` is the rank's batch index at which the stream (re)starts, so a restart needs no fast-forward.
+``position`` is the rank's batch index at which the epoch's stream starts. A resume in the middle of an
+epoch restarts that epoch's stream and fast-forwards it inside the workers to the resumed batch, so the
+batches after a resume are exactly those an uninterrupted run sees (the cost: re-reading at most one
+epoch, ``steps_per_epoch`` batches, of this rank's data).
 Evaluation: a fixed, non-resampled shard split with exactly the same number of batches on every rank.
-Skipped samples are counted inside the workers and travel to the main process inside the batches.
+Lost samples (missing from damaged shards, undecodable) are counted inside the workers and travel to the
+main process inside the batches.
 """
 
 from __future__ import annotations
@@ -48,29 +52,39 @@ def split_by_rank(urls: list[str], rank: int, world_size: int) -> list[str]:
 
 
 class WorkerStats:
-    """Samples read and skip events inside one worker, handed out as deltas with each batch.
+    """Samples read and samples lost inside one worker, handed out as deltas with each batch.
 
-    Both are counted where they happen in the stream: samples and damaged shards when the tar is read
-    (ahead of the shuffle buffer), undecodable samples when they are decoded.
+    Both are counted where they happen in the stream: samples read and samples a damaged shard did not
+    deliver (``missing``: its index count minus what was read) when the tar is read, ahead of the shuffle
+    buffer; undecodable samples when they are decoded. ``lost`` holds both, per shard.
     """
 
     def __init__(self) -> None:
         self.read = 0
-        self.skipped: Counter[str] = Counter()
+        self.missing = 0
+        self.lost: Counter[str] = Counter()
         self.errors: dict[str, str] = {}
         self.warned = 0
 
-    def skip(self, url: str, err: BaseException | str) -> None:
-        self.skipped[url] += 1
+    @property
+    def skipped(self) -> int:
+        """Samples lost so far (missing from shards or undecodable)."""
+        return sum(self.lost.values())
+
+    def skip(self, url: str, err: BaseException | str, count: int = 1, missing: bool = False) -> None:
+        """Count ``count`` samples of ``url`` as lost; ``missing`` ones were never read (a short or broken tar)."""
+        self.lost[url] += count
+        if missing:
+            self.missing += count
         message = err if isinstance(err, str) else f"{type(err).__name__}: {err}"
         self.errors.setdefault(url, message[:300])
         if self.warned < MAX_WARNINGS_PER_WORKER:
             self.warned += 1
-            log.warning("skipping data in %s: %s", url, message[:300])
+            log.warning("lost %d sample(s) of %s: %s", count, url, message[:300])
 
     def pop_delta(self) -> dict:
-        delta = {"read": self.read, "skipped": dict(self.skipped), "errors": self.errors}
-        self.read, self.skipped, self.errors = 0, Counter(), {}
+        delta = {"read": self.read, "missing": self.missing, "lost": dict(self.lost), "errors": self.errors}
+        self.read, self.missing, self.lost, self.errors = 0, 0, Counter(), {}
         return delta
 
 
@@ -79,12 +93,14 @@ class SkipStats:
 
     def __init__(self) -> None:
         self.samples = 0
+        self.missing = 0
         self.per_shard: Counter[str] = Counter()
         self.errors: dict[str, str] = {}
 
     def update(self, delta: dict) -> None:
         self.samples += delta["read"]
-        self.per_shard.update(delta["skipped"])
+        self.missing += delta["missing"]
+        self.per_shard.update(delta["lost"])
         for url, message in delta["errors"].items():
             self.errors.setdefault(url, message)
 
@@ -93,11 +109,14 @@ class SkipStats:
         return sum(self.per_shard.values())
 
     def as_dict(self) -> dict:
-        """``samples`` read, ``skipped`` events (damaged shards, undecodable samples), ``skip_rate`` =
-        skipped / (samples + skipped), ``per_shard`` skips and the first error message per shard."""
-        total = self.samples + self.skipped
+        """``samples`` read from the shards, ``missing`` (promised by the index, never read), ``skipped``
+        samples lost in all (missing or undecodable), ``skip_rate`` = skipped / (samples + missing), the
+        share of the data the stream met that never reached a batch; ``per_shard`` losses and the first
+        error message per shard."""
+        total = self.samples + self.missing
         return {
             "samples": self.samples,
+            "missing": self.missing,
             "skipped": self.skipped,
             "skip_rate": self.skipped / total if total else 0.0,
             "per_shard": dict(self.per_shard),
@@ -113,12 +132,14 @@ def read_shards(
 ) -> Iterator[dict]:
     """Samples from a stream of ``dict(url=...)``; unreadable or truncated shards are counted, not fatal.
 
-    Uses webdataset's tar iterators; a shard that raises (truncated tar, duplicate member) ends early and
-    counts one skip; a shard that ends cleanly with fewer samples than its index says counts one skip too.
+    Uses webdataset's tar iterators. A shard that raises (truncated tar, duplicate member) or ends early
+    loses the samples its index count promised beyond those read; without a count, a shard that raises
+    counts one lost sample (a lower bound: how many it held is unknown).
     """
     bad_in_row = 0
     for shard in shards:
         url = shard["url"]
+        expected = counts.get(url) if counts else None
         read = 0
         try:
             with open(url, "rb") as stream:
@@ -127,11 +148,11 @@ def read_shards(
                     read += 1
                     stats.read += 1
                     yield sample
-            expected = counts.get(url) if counts else None
             if expected is not None and read < expected:
-                stats.skip(url, f"shard ended after {read} of {expected} samples (truncated at a member boundary?)")
+                stats.skip(url, f"shard ended after {read} of {expected} samples (truncated at a member boundary?)",
+                           expected - read, missing=True)
         except Exception as err:  # a damaged shard must not end the run; the skip rate decides
-            stats.skip(url, err)
+            stats.skip(url, err, max(expected - read, 1) if expected is not None else 1, missing=True)
         bad_in_row = 0 if read else bad_in_row + 1
         if bad_in_row >= max_bad_in_row:
             raise RuntimeError(
@@ -215,12 +236,19 @@ class ShardStream(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.counts = counts
         self.max_bad_in_row = max_bad_in_row
-        self.position = 0  # set by the loader before each iteration: the rank's batch index at the start
+        self.position = 0  # set by the loader before each iteration: the rank's batch index at the epoch start
+        self.skip = 0  # set by the loader: batches of this epoch already trained on (a mid-epoch resume)
 
     def __iter__(self) -> Iterator[dict]:
-        worker, _ = worker_info()
+        worker, workers = worker_info()
+        # The DataLoader fetches batch i of an epoch from worker i % workers. Resumed `skip` batches into the
+        # epoch, it still fetches from worker 0 first, so worker w plays the stream of the worker that the
+        # uninterrupted run would fetch from next, (w + skip) % workers, and skips that stream's batches that
+        # came before the resume point.
+        stream_id = (worker + self.skip) % workers if self.train else worker
+        to_skip = _batches_before(self.skip, stream_id, workers) if self.train else 0
         stats = WorkerStats()
-        base = derive_seed(self.seed, self.position, self.rank, worker) if self.train else self.seed
+        base = derive_seed(self.seed, self.position, self.rank, stream_id) if self.train else self.seed
         if self.train:
             # wds.ResampledShards with deterministic=True seeds its RNG only from worker_seed(), epoch (0 in a
             # fresh worker) and seed: all explicit ints here, so the shard order is reproducible
@@ -239,11 +267,21 @@ class ShardStream(IterableDataset):
         for row in decode_samples(samples, partial(self.codec.decode, rng=rng, train=self.train), stats):
             rows.append(row)
             if len(rows) == self.batch_size:
-                yield {**collate(rows, self.codec, generator, self.train), STATS_KEY: stats.pop_delta()}
+                batch = collate(rows, self.codec, generator, self.train)  # also when skipped: same RNG draws
                 rows = []
+                if to_skip:
+                    to_skip -= 1
+                    stats.pop_delta()  # counted by the run before the checkpoint
+                    continue
+                yield {**batch, STATS_KEY: stats.pop_delta()}
         # only a fixed evaluation set ends: hand out the partial batch and the last counts
         tail = collate(rows, self.codec, generator, self.train) if rows else {}
         yield {**tail, STATS_KEY: stats.pop_delta()}
+
+
+def _batches_before(skip: int, stream_id: int, streams: int) -> int:
+    """How many of the first ``skip`` batches of an epoch came from stream ``stream_id`` of ``streams``."""
+    return max(0, -(-(skip - stream_id) // streams))
 
 
 def make_dataloader(dataset: IterableDataset, num_workers: int) -> DataLoader:
@@ -261,11 +299,14 @@ def make_dataloader(dataset: IterableDataset, num_workers: int) -> DataLoader:
 class StreamLoader:
     """Training loader: ``epoch_length`` batches per rank per epoch from an infinite, seeded stream.
 
-    At every ``iter()`` the stream restarts from the current position (the trainer's
-    ``global_step * accumulate_grad_batches`` when ``position_fn`` gives one, else its own cursor),
-    runs up to the next multiple of ``epoch_length`` and is reseeded from that position. ``len()`` is the
-    full epoch, as Lightning counts it even when it resumes mid-epoch. (The stream is deliberately not
-    called ``dataset``: Lightning would then warn that the length of an IterableDataset may be wrong.)
+    At every ``iter()`` the loader continues from the current position (the trainer's
+    ``global_step * accumulate_grad_batches`` when ``position_fn`` gives one, else its own cursor) to the
+    next multiple of ``epoch_length``: the epoch's stream is seeded from the epoch's first position and,
+    after a resume mid-epoch, fast-forwarded to the current one. ``len()`` is the full epoch, as Lightning
+    counts it even when it resumes mid-epoch. The state (position, worker count) travels in checkpoints: the
+    batch order depends on the worker count, so resuming with another one cannot be exact and says so.
+    (The stream is deliberately not called ``dataset``: Lightning would then warn that the length of an
+    IterableDataset may be wrong.)
     """
 
     def __init__(
@@ -294,17 +335,24 @@ class StreamLoader:
         return self.cursor if position is None else position
 
     def state_dict(self) -> dict:
-        return {"position": self.position()}
+        return {"position": self.position(), "num_workers": self.num_workers}
 
     def load_state_dict(self, state: dict) -> None:
         self.cursor = int(state["position"])
+        saved = state.get("num_workers")
+        if saved is not None and int(saved) != self.num_workers:
+            log.warning(
+                "resuming with data.num_workers=%d but the checkpoint was trained with %d: batches are dealt "
+                "round-robin from the workers, so from here on they differ from an uninterrupted run's "
+                "(set data.num_workers=%d for an exact resume)", self.num_workers, int(saved), int(saved))
 
     def __iter__(self) -> Iterator[dict]:
         start = self.position()
-        count = self.epoch_length - start % self.epoch_length
-        self.stream.position = start
+        into_epoch = start % self.epoch_length
+        self.stream.position = start - into_epoch
+        self.stream.skip = into_epoch
         self.cursor = start
-        for batch in islice(make_dataloader(self.stream, self.num_workers), count):
+        for batch in islice(make_dataloader(self.stream, self.num_workers), self.epoch_length - into_epoch):
             self.stats.update(batch.pop(STATS_KEY))
             self.cursor += 1
             yield batch

@@ -12,7 +12,8 @@ from flexdit_train.data.stream import STATS_KEY, derive_seed, worker_info
 
 
 class SyntheticStream(IterableDataset):
-    """Batches of N(0, 1) ``x`` and uniform ``y``; batch j of a worker is seeded by (seed, position, rank, worker, j)."""
+    """Batches of N(0, 1) ``x`` and uniform ``y``; batch i of an epoch is seeded by (seed, rank, position, i), so
+    any batch can be produced directly: a resume ``skip`` batches into the epoch starts at batch ``skip``."""
 
     def __init__(
         self, shape: tuple[int, ...], num_classes: int, *, batch_size: int, seed: int, rank: int, train: bool,
@@ -21,20 +22,22 @@ class SyntheticStream(IterableDataset):
         super().__init__()
         self.shape, self.num_classes, self.batch_size = shape, num_classes, batch_size
         self.seed, self.rank, self.train, self.num_batches = seed, rank, train, num_batches
-        self.position = 0
+        self.position = 0  # set by the loader: the epoch's first batch index
+        self.skip = 0  # set by the loader: batches of the epoch already trained on
 
     def __iter__(self) -> Iterator[dict]:
         worker, num_workers = worker_info()
-        index = worker
+        # the loader fetches round-robin from worker 0 on: worker w serves batches skip + w, skip + w + workers, ...
+        index = worker + (self.skip if self.train else 0)
         while self.num_batches is None or index < self.num_batches:
             # evaluation batches depend only on their index: the same fixed set at every validation
-            parts = ("train", self.position, worker, index) if self.train else ("val", index)
+            parts = ("train", self.position, index) if self.train else ("val", index)
             generator = torch.Generator().manual_seed(derive_seed(self.seed, self.rank, *parts))
             yield {
                 "x": torch.randn((self.batch_size, *self.shape), generator=generator),  # (N, C, [F,] H, W)
                 "y": torch.randint(0, self.num_classes, (self.batch_size,), generator=generator),  # (N,)
                 "key": [f"synthetic-r{self.rank}-{'-'.join(map(str, parts))}-{i}" for i in range(self.batch_size)],
-                STATS_KEY: {"read": self.batch_size, "skipped": {}, "errors": {}},
+                STATS_KEY: {"read": self.batch_size, "missing": 0, "lost": {}, "errors": {}},
             }
             index += num_workers
 

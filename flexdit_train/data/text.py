@@ -105,7 +105,7 @@ def encode_text_shard(url: str, out: str, encoder: TextEncoder, max_length: int,
     if written == 0:
         os.remove(tmp)
         raise ValueError(f"{url} has no readable samples: run `python -m flexdit_train.shards verify` on it")
-    record = {"url": url, "out": out, "count": written, "skipped": dict(stats.skipped), "encoder": encoder.name,
+    record = {"url": url, "out": out, "count": written, "skipped": dict(stats.lost), "encoder": encoder.name,
               "text_len": max_length, "text_channels": channels}
     finish_shard(tmp, out, record)
     return record
