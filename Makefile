@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast train lint clean
+.PHONY: help install test test-fast train pretrain lint clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
@@ -24,8 +24,11 @@ test: install ## Run the whole test suite on CPU (slow end-to-end tests included
 test-fast: install ## Run the test suite without the slow end-to-end tests
 	$(PY) -m pytest -m "not slow"
 
-train: install ## The embedded demo: pretrain, flexify and evaluate a tiny DiT on MNIST (CPU); overrides via ARGS="..."
+train: install ## The embedded demo: flexify the shipped MNIST teacher, evaluate it under compute budgets (CPU); ARGS="..."
 	$(PY) -m flexdit_train.demo $(ARGS)
+
+pretrain: install ## Retrain the shipped MNIST teacher (CPU, ~1 h) and rewrite flexdit_train/assets/ with its card
+	$(PY) -m flexdit_train.demo stage=pretrain $(ARGS)
 
 lint: install ## Lint with ruff
 	$(VENV)/bin/ruff check flexdit_train tests benchmarks scripts

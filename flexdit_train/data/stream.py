@@ -285,7 +285,13 @@ def _batches_before(skip: int, stream_id: int, streams: int) -> int:
 
 
 def make_dataloader(dataset: IterableDataset, num_workers: int) -> DataLoader:
-    """A DataLoader over already-batched items; fresh (non-persistent) workers see the current position."""
+    """A DataLoader over already-batched items; fresh (non-persistent) workers see the current position.
+
+    Its own generator: without one, every iterator draws its base seed from the global torch RNG that
+    training's timestep and noise draws share, and a resumed run creates its iterator at another moment
+    than the uninterrupted run, which would shift every later draw. The streams seed all their RNGs
+    themselves, so the base seed itself is unused.
+    """
     return DataLoader(
         dataset,
         batch_size=None,
@@ -293,6 +299,7 @@ def make_dataloader(dataset: IterableDataset, num_workers: int) -> DataLoader:
         persistent_workers=False,
         pin_memory=torch.cuda.is_available(),
         prefetch_factor=2 if num_workers > 0 else None,
+        generator=torch.Generator().manual_seed(0),
     )
 
 

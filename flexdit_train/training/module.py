@@ -104,7 +104,6 @@ class DiffusionModule(L.LightningModule):
         self.samples_seen = 0
         self.last_step_flops = 0.0  # hardware FLOPs of the last training step on this rank (fwd + bwd)
         self.wandb_run_id: str | None = None
-        self._last_ema_step = -1
         self._restored_rng: dict | None = None
         self.train_seconds = 0.0  # training wall-clock of earlier sessions of this run (resumes add up)
         self._session_start: float | None = None
@@ -194,11 +193,11 @@ class DiffusionModule(L.LightningModule):
         p = self.model.native_patch_size if patch_size is None else patch_size
         self.log(f"train/loss_p{patch_label(p)}", per_sample_loss.mean(), rank_zero_only=True)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        # Once per optimizer step (global_step advances only when the optimizer stepped).
-        if self.global_step != self._last_ema_step:
-            update_ema(self.ema, self.model, self.ema_decay)
-            self._last_ema_step = self.global_step
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Right after the step, before any on_train_batch_end hook: checkpoint callbacks save there, and a
+        # checkpoint must hold the EMA of the weights it holds (else every resume would drop one update).
+        update_ema(self.ema, self.model, self.ema_decay)
 
     # ----------------------------------------------------------------------- seeds and compile
     def trained_seconds(self) -> float:

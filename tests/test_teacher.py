@@ -1,0 +1,50 @@
+"""The MNIST teacher shipped in the package: loadable like a user's checkpoint, described by its card."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+
+import flexdit_train
+from flexdit_train.models import flexify, from_pretrained
+from flexdit_train.resolvers import ASSETS_DIR, asset_path
+
+TEACHER = Path(asset_path("mnist_dit_teacher.safetensors"))
+
+
+def test_the_shipped_teacher_matches_its_card():
+    card = json.loads(TEACHER.with_suffix(".json").read_text())
+    assert card["sha256"] == hashlib.sha256(TEACHER.read_bytes()).hexdigest()
+    assert TEACHER.parent == ASSETS_DIR and TEACHER.stat().st_size < 8 * 2**20  # a few MB in the repository
+    model = from_pretrained(TEACHER)
+    assert dict(model.config) == card["model_config"] and model.diffusion_process == card["diffusion"]
+    assert model.diffusion_process["prediction"] == "v" and model.patch_size == 4 and model.num_classes == 10
+    assert sum(p.numel() for p in model.parameters()) == card["num_parameters"]
+    evaluation = card["evaluation"]
+    assert len(evaluation["seeds"]) >= 3 and evaluation["fid_mean"] > 0 and evaluation["fid_std"] >= 0
+    assert "eval.reference=mnist:val" in evaluation["protocol"] and 0.9 < evaluation["label_accuracy_mean"] <= 1
+    assert card["steps"] > 0 and card["train_wall_clock_s"] > 0 and card["command"] and card["commit"]
+
+
+def test_lora_flexify_of_the_teacher_keeps_its_native_path_bit_for_bit():
+    teacher = from_pretrained(TEACHER)
+    flex = flexify(from_pretrained(TEACHER), patch_sizes=(4, 8), mode="lora", lora_rank=16).eval()
+    g = torch.Generator().manual_seed(0)
+    x, t, y = torch.randn(6, 1, 32, 32, generator=g), torch.randint(0, 1000, (6,), generator=g), torch.arange(6)
+    with torch.no_grad():
+        assert torch.equal(flex(x, t, y, patch_size=4), teacher(x, t, y))
+        assert flex(x, t, y, patch_size=8).shape == (6, 2, 32, 32)
+
+
+def test_the_mnist_flexify_experiments_start_from_the_shipped_teacher():
+    with initialize_config_dir(version_base="1.3", config_dir=flexdit_train.CONF_DIR):
+        for experiment in ("mnist_flex_lora", "mnist_flex", "mnist_control"):
+            cfg = compose("train", overrides=[f"+experiment={experiment}"])
+            assert Path(cfg.model.pretrained) == TEACHER
+            assert cfg.objective.diffusion.prediction == "v"  # the teacher's process
+        demo = compose("demo")
+        assert Path(demo.teacher) == TEACHER
