@@ -7,11 +7,15 @@ optimizer state equal an uninterrupted run's.
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -94,3 +98,100 @@ def test_five_random_sigkills_mid_epoch_leave_the_final_state_of_an_uninterrupte
         assert a["step"] == b["step"]
         assert torch.allclose(a["exp_avg"], b["exp_avg"], rtol=0, atol=1e-6)
         assert torch.allclose(a["exp_avg_sq"], b["exp_avg_sq"], rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------- damaged data
+SHARDS = ["data=imagenet_wds", "data.val_shards=null", "data.image_size=32", "data.input_size=32",
+          "data.num_classes=10", "data.num_workers=2", "data.global_batch_size=16", "data.shuffle_buffer=200",
+          "data.steps_per_epoch=20", "model.hidden_size=32", "model.depth=1", "model.num_heads=2",
+          "callbacks.sample_grid=null", "callbacks.progress_bar=null", "callbacks.data_skips.every_n_steps=5",
+          "callbacks.data_skips.min_samples=200", "logger=csv"]
+
+
+def members(shard: Path) -> list[tarfile.TarInfo]:
+    with tarfile.open(shard) as tar:
+        return tar.getmembers()
+
+
+def truncate(shard: Path, keep: float) -> int:
+    """Cut ``shard`` inside a member after ``keep`` of its bytes; returns the samples still complete in it."""
+    infos = members(shard)
+    cut = int(shard.stat().st_size * keep)
+    shard.write_bytes(shard.read_bytes()[:cut])
+    # a sample is complete when all its members end before the cut (512-byte blocks, header first)
+    ends: dict[str, int] = {}
+    for info in infos:
+        key = info.name.split(".")[0]
+        ends[key] = max(ends.get(key, 0), info.offset_data + info.size)
+    return sum(end <= cut for end in ends.values())
+
+
+@pytest.fixture(scope="module")
+def digit_shards(tmp_path_factory) -> Path:
+    from flexdit_train.data.mnist import write_mnist_shards
+
+    out = tmp_path_factory.mktemp("digits")
+    write_mnist_shards(out)
+    return out
+
+
+def damaged_set(digit_shards: Path, tmp_path: Path, shards: int, keep: float) -> tuple[Path, dict[str, int], float]:
+    """A copy of the digits with the first ``shards`` train shards truncated to ``keep`` of their bytes: the
+    copy, the samples each damaged shard lost, and the true fraction of the set's samples lost."""
+    out = tmp_path / "damaged"
+    shutil.copytree(digit_shards, out)
+    counts = {s["url"]: s["count"] for s in json.loads((out / "train.json").read_text())["shards"]}
+    lost = {name: counts[name] - truncate(out / name, keep) for name in sorted(counts)[:shards]}
+    return out, lost, sum(lost.values()) / sum(counts.values())
+
+
+def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "flexdit_train", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def summary_rate(output: str) -> tuple[int, int, float]:
+    match = re.search(r"data: (\d+) of (\d+) training samples lost \(([\d.]+)%\)", output)
+    assert match, output[-3000:]
+    return int(match[1]), int(match[2]), float(match[3]) / 100
+
+
+@pytest.mark.slow
+def test_a_few_damaged_shards_are_named_counted_and_survived(digit_shards, tmp_path):
+    damaged, lost, _ = damaged_set(digit_shards, tmp_path, shards=3, keep=0.5)  # 5% of the 60 shards
+    result = run_cli([*SHARDS, f"data.train_shards={damaged / 'train.json'}", "trainer.max_steps=150",
+                      "callbacks.data_skips.max_skip_rate=0.2"], tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    total_lost, met, _ = summary_rate(output)
+    assert total_lost > 0 and met >= 150 * 16 / 2
+    reports = re.findall(r"lost (\d+) sample\(s\) of \S*/(train-\d+\.tar): (\w+)", output)
+    assert reports and {name for _, name, _ in reports} <= set(lost), reports  # names only the damaged shards
+    for count, name, error in reports:
+        if error in ("ReadError", "shard"):  # the tar ends early: the index count minus what was read
+            assert abs(int(count) - lost[name]) <= 1, (name, count, lost[name])  # +-1: the sample the cut splits
+        else:  # that split sample, read without its image bytes, does not decode
+            assert int(count) == 1, (name, count, error)
+
+
+@pytest.mark.slow
+def test_the_loss_rate_is_the_share_of_samples_lost(digit_shards, tmp_path):
+    damaged, _, true_fraction = damaged_set(digit_shards, tmp_path, shards=60, keep=0.8)  # all shards: no sampling noise
+    result = run_cli([*SHARDS, f"data.train_shards={damaged / 'train.json'}", "trainer.max_steps=40",
+                      "callbacks.data_skips.max_skip_rate=0.5"], tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    _, _, rate = summary_rate(output)
+    assert abs(rate - true_fraction) <= 0.1 * true_fraction, (rate, true_fraction)
+
+
+@pytest.mark.slow
+def test_mostly_broken_data_stops_the_run_with_one_line(digit_shards, tmp_path):
+    damaged, _, true_fraction = damaged_set(digit_shards, tmp_path, shards=50, keep=0.2)
+    assert true_fraction > 0.6
+    result = run_cli([*SHARDS, f"data.train_shards={damaged / 'train.json'}", "trainer.max_steps=200"], tmp_path)
+    assert result.returncode != 0
+    assert re.search(r"\d+\.\d% of the training samples were lost \(\d+ of \d+\), above max_skip_rate=1\.0%",
+                     result.stderr), result.stderr[-3000:]
+    assert "shards verify" in result.stderr

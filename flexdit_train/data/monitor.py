@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-COUNTS = ("samples", "missing", "skipped")  # read, promised but never read, lost (missing + undecodable)
+COUNTS = ("samples", "met", "skipped")  # read; of the shards read to their end; lost (missing + undecodable)
 
 
 class DataSkipMonitor(Callback):
     """Log ``data/samples``, ``data/skipped`` (samples lost) and ``data/skip_rate`` (their share of the samples
-    the stream met, ``skipped / (samples + missing)``), summed over ranks, every ``every_n_steps``.
+    of the shards read to their end), summed over ranks, every ``every_n_steps``.
 
     Raises a one-line error once at least ``min_samples`` were met and the rate exceeds ``max_skip_rate``;
     every rank decides on the same summed counts, so all ranks stop together instead of hanging. Totals
@@ -40,8 +40,7 @@ class DataSkipMonitor(Callback):
 
     @staticmethod
     def rate(totals: dict[str, int]) -> float:
-        met = totals["samples"] + totals["missing"]
-        return totals["skipped"] / met if met else 0.0
+        return min(1.0, totals["skipped"] / totals["met"]) if totals["met"] else 0.0
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
         if (trainer.global_step % self.every_n_steps) and not trainer.is_last_batch:
@@ -54,12 +53,12 @@ class DataSkipMonitor(Callback):
             {"data/samples": float(totals["samples"]), "data/skipped": float(totals["skipped"]), "data/skip_rate": rate},
             on_step=True, on_epoch=False,
         )
-        if totals["samples"] + totals["missing"] >= self.min_samples and rate > self.max_skip_rate:
+        if totals["met"] >= self.min_samples and rate > self.max_skip_rate:
             worst = sorted(stats.get("per_shard", {}).items(), key=lambda kv: -kv[1])[:3]
             listing = "; ".join(f"{url} ({n} lost: {stats['errors'].get(url, '?')[:80]})" for url, n in worst)
             raise RuntimeError(
                 f"{rate:.1%} of the training samples were lost ({totals['skipped']} of "
-                f"{totals['samples'] + totals['missing']}), above max_skip_rate={self.max_skip_rate:.1%}; worst shards on "
+                f"{totals['met']}), above max_skip_rate={self.max_skip_rate:.1%}; worst shards on "
                 f"rank {trainer.global_rank}: {listing or 'none on this rank'}. Run `python -m flexdit_train.shards "
                 "verify` on the set and rewrite or drop these shards, or raise callbacks.data_skips.max_skip_rate"
             )
@@ -79,8 +78,7 @@ class DataSkipMonitor(Callback):
         if trainer.datamodule is None or not hasattr(trainer.datamodule, "skip_stats"):
             return
         totals, _ = self.totals(trainer, pl_module.device)
-        met = totals["samples"] + totals["missing"]
         if trainer.is_global_zero:
-            print(f"data: {totals['skipped']} of {met} training samples lost ({self.rate(totals):.2%})"
+            print(f"data: {totals['skipped']} of {totals['met']} training samples lost ({self.rate(totals):.2%})"
                   + (", missing from damaged shards or undecodable (per shard: the warnings above)"
                      if totals["skipped"] else ""), flush=True)

@@ -54,14 +54,16 @@ def split_by_rank(urls: list[str], rank: int, world_size: int) -> list[str]:
 class WorkerStats:
     """Samples read and samples lost inside one worker, handed out as deltas with each batch.
 
-    Both are counted where they happen in the stream: samples read and samples a damaged shard did not
-    deliver (``missing``: its index count minus what was read) when the tar is read, ahead of the shuffle
-    buffer; undecodable samples when they are decoded. ``lost`` holds both, per shard.
+    Both are counted where they happen in the stream: samples read, and samples a damaged shard did not
+    deliver (its index count minus what was read), when the tar is read, ahead of the shuffle buffer;
+    undecodable samples when they are decoded. ``lost`` holds both, per shard. ``met`` counts the samples
+    of the shards whose reading has ended (read plus never read): a shard still being read has not
+    reported its losses yet, so rates are taken over finished shards only.
     """
 
     def __init__(self) -> None:
         self.read = 0
-        self.missing = 0
+        self.met = 0
         self.lost: Counter[str] = Counter()
         self.errors: dict[str, str] = {}
         self.warned = 0
@@ -71,11 +73,9 @@ class WorkerStats:
         """Samples lost so far (missing from shards or undecodable)."""
         return sum(self.lost.values())
 
-    def skip(self, url: str, err: BaseException | str, count: int = 1, missing: bool = False) -> None:
-        """Count ``count`` samples of ``url`` as lost; ``missing`` ones were never read (a short or broken tar)."""
+    def skip(self, url: str, err: BaseException | str, count: int = 1) -> None:
+        """Count ``count`` samples of ``url`` as lost (never read from a damaged tar, or undecodable)."""
         self.lost[url] += count
-        if missing:
-            self.missing += count
         message = err if isinstance(err, str) else f"{type(err).__name__}: {err}"
         self.errors.setdefault(url, message[:300])
         if self.warned < MAX_WARNINGS_PER_WORKER:
@@ -83,8 +83,8 @@ class WorkerStats:
             log.warning("lost %d sample(s) of %s: %s", count, url, message[:300])
 
     def pop_delta(self) -> dict:
-        delta = {"read": self.read, "missing": self.missing, "lost": dict(self.lost), "errors": self.errors}
-        self.read, self.missing, self.lost, self.errors = 0, 0, Counter(), {}
+        delta = {"read": self.read, "met": self.met, "lost": dict(self.lost), "errors": self.errors}
+        self.read, self.met, self.lost, self.errors = 0, 0, Counter(), {}
         return delta
 
 
@@ -93,13 +93,13 @@ class SkipStats:
 
     def __init__(self) -> None:
         self.samples = 0
-        self.missing = 0
+        self.met = 0
         self.per_shard: Counter[str] = Counter()
         self.errors: dict[str, str] = {}
 
     def update(self, delta: dict) -> None:
         self.samples += delta["read"]
-        self.missing += delta["missing"]
+        self.met += delta["met"]
         self.per_shard.update(delta["lost"])
         for url, message in delta["errors"].items():
             self.errors.setdefault(url, message)
@@ -109,16 +109,15 @@ class SkipStats:
         return sum(self.per_shard.values())
 
     def as_dict(self) -> dict:
-        """``samples`` read from the shards, ``missing`` (promised by the index, never read), ``skipped``
-        samples lost in all (missing or undecodable), ``skip_rate`` = skipped / (samples + missing), the
-        share of the data the stream met that never reached a batch; ``per_shard`` losses and the first
-        error message per shard."""
-        total = self.samples + self.missing
+        """``samples`` read from the shards, ``met`` (the samples of the shards read to their end, whether
+        read or missing), ``skipped`` samples lost (missing from damaged shards or undecodable),
+        ``skip_rate`` = skipped / met, the share of the data that never reached a batch; ``per_shard``
+        losses and the first error message per shard."""
         return {
             "samples": self.samples,
-            "missing": self.missing,
+            "met": self.met,
             "skipped": self.skipped,
-            "skip_rate": self.skipped / total if total else 0.0,
+            "skip_rate": min(1.0, self.skipped / self.met) if self.met else 0.0,
             "per_shard": dict(self.per_shard),
             "errors": dict(self.errors),
         }
@@ -150,9 +149,12 @@ def read_shards(
                     yield sample
             if expected is not None and read < expected:
                 stats.skip(url, f"shard ended after {read} of {expected} samples (truncated at a member boundary?)",
-                           expected - read, missing=True)
+                           expected - read)
+            stats.met += max(read, expected or 0)
         except Exception as err:  # a damaged shard must not end the run; the skip rate decides
-            stats.skip(url, err, max(expected - read, 1) if expected is not None else 1, missing=True)
+            missing = max(expected - read, 1) if expected is not None else 1
+            stats.skip(url, err, missing)
+            stats.met += read + missing
         bad_in_row = 0 if read else bad_in_row + 1
         if bad_in_row >= max_bad_in_row:
             raise RuntimeError(

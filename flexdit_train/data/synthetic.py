@@ -37,7 +37,7 @@ class SyntheticStream(IterableDataset):
                 "x": torch.randn((self.batch_size, *self.shape), generator=generator),  # (N, C, [F,] H, W)
                 "y": torch.randint(0, self.num_classes, (self.batch_size,), generator=generator),  # (N,)
                 "key": [f"synthetic-r{self.rank}-{'-'.join(map(str, parts))}-{i}" for i in range(self.batch_size)],
-                STATS_KEY: {"read": self.batch_size, "missing": 0, "lost": {}, "errors": {}},
+                STATS_KEY: {"read": self.batch_size, "met": self.batch_size, "lost": {}, "errors": {}},
             }
             index += num_workers
 
