@@ -22,6 +22,7 @@ from flexdit_train.budget import as_patch
 from flexdit_train.diffusion import process_mismatch
 from flexdit_train.loggers import finish_wandb
 from flexdit_train.runs import resolve_ckpt_path
+from flexdit_train.training.console import silence_expected_warnings
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ def build_module(cfg: DictConfig) -> L.LightningModule:
 
 def run(cfg: DictConfig) -> dict:
     """Train as configured; returns the final logged metrics (for sweepers) and the run directory."""
+    silence_expected_warnings()
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
     run_dir = Path(cfg.paths.output_dir)

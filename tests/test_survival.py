@@ -87,7 +87,7 @@ def test_five_random_sigkills_mid_epoch_leave_the_final_state_of_an_uninterrupte
     final = launch(command, tmp_path, cache)
     out, _ = final.communicate(timeout=600)
     assert final.returncode == 0, out[-3000:]
-    assert "data: 0 of" in out and "training samples lost" in out  # the end-of-run summary line
+    assert "data: 0 of" in out and "samples read from the training shards lost" in out  # the end-of-run summary line
 
     expected, expected_opt = state(runs / "uninterrupted" / "checkpoints" / "final.ckpt")
     got, got_opt = state(run_dir / "checkpoints" / "final.ckpt")
@@ -152,7 +152,7 @@ def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 def summary_rate(output: str) -> tuple[int, int, float]:
-    match = re.search(r"data: (\d+) of (\d+) training samples lost \(([\d.]+)%\)", output)
+    match = re.search(r"data: (\d+) of (\d+) samples read from the training shards lost \(([\d.]+)%\)", output)
     assert match, output[-3000:]
     return int(match[1]), int(match[2]), float(match[3]) / 100
 

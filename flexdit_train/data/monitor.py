@@ -79,6 +79,6 @@ class DataSkipMonitor(Callback):
             return
         totals, _ = self.totals(trainer, pl_module.device)
         if trainer.is_global_zero:
-            print(f"data: {totals['skipped']} of {totals['met']} training samples lost ({self.rate(totals):.2%})"
-                  + (", missing from damaged shards or undecodable (per shard: the warnings above)"
-                     if totals["skipped"] else ""), flush=True)
+            lost = f"data: {totals['skipped']} of {totals['met']} samples read from the training shards lost"
+            cause = ", missing from damaged shards or undecodable (per shard: the warnings above)"
+            print(f"{lost} ({self.rate(totals):.2%}){cause if totals['skipped'] else ''}", flush=True)
