@@ -204,7 +204,8 @@ def pretrain_stage(cfg: DictConfig, run_dir: Path) -> Path:
     return ship_teacher(cfg, run_dir, pretrain_dir / "checkpoints" / "final.ckpt", command, seconds)
 
 
-def ship_teacher(cfg: DictConfig, run_dir: Path, ckpt: Path, command: str, stage_seconds: float) -> Path:
+def ship_teacher(cfg: DictConfig, run_dir: Path, ckpt: Path, command: str, stage_seconds: float,
+                 commit: str | None = None) -> Path:
     """Score a trained teacher with the card protocol (every seed), export its EMA weights to ``cfg.teacher`` and
     write the provenance card next to them (same name, ``.json``). The training wall-clock is the one the
     checkpoint accumulated over all its sessions (resumes included), else the stage's own time."""
@@ -229,7 +230,7 @@ def ship_teacher(cfg: DictConfig, run_dir: Path, ckpt: Path, command: str, stage
         "sha256": hashlib.sha256(teacher.read_bytes()).hexdigest(),
         "what": "EMA weights of a static class-conditional DiT trained on the bundled MNIST train digits",
         "command": command,
-        "commit": git_commit(),
+        "commit": commit or git_commit(),
         "steps": int(trained["global_step"]),
         "global_batch_size": int(meta["config"]["data"]["global_batch_size"]),
         "train_wall_clock_s": round(float(meta.get("train_seconds") or stage_seconds), 1),
