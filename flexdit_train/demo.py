@@ -58,8 +58,8 @@ def evaluate_sweep(name: str, cfg: DictConfig, run_dir: Path, checkpoint: Path, 
     """One ``evaluate -m`` sweep over the budget's fractions (if any) and the sampling seeds."""
     overrides = ["-m", *cfg.evaluate, *extra, f"results_dir={run_dir}", f"checkpoint={checkpoint}", f"budget={budget}",
                  f"seed={','.join(str(s) for s in cfg.seeds)}", f"hydra.sweep.dir={run_dir / sweep_dir}"]
-    if fractions:
-        overrides.append(f"budget.compute_fraction={','.join(str(f) for f in fractions)}")
+    if fractions:  # at most the fraction: a claim "at <= 60% compute" must not sample with 61%
+        overrides += [f"budget.compute_fraction={','.join(str(f) for f in fractions)}", "budget.at_most=true"]
     run_stage(name, "flexdit_train.evaluate", overrides, cfg.threads)
 
 
