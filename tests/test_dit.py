@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers.models import randomize_zero_inits
 
 from flexdit_train.models import DiT, DiT_models, create_model
 from flexdit_train.models.dit import TimestepEmbedder, sincos_2d, unpatchify
@@ -43,16 +44,6 @@ def tiny_dit(**kwargs) -> DiT:
     args = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=4, num_classes=10)
     args.update(kwargs)
     return DiT(**args)
-
-
-def randomize_zero_inits(model: DiT, seed: int = 0) -> DiT:
-    """adaLN-Zero makes a fresh model output zeros; give the zero-init layers values to test numerics."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "adaLN_modulation" in name or "final_layer.linear" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
 
 
 def test_xl2_has_official_keys_shapes_and_parameter_count():

@@ -7,13 +7,18 @@ import torch
 from flexdit_train.models import DiT
 
 
-def pretrained_like(seed: int = 0) -> DiT:
-    """A tiny DiT whose zero-initialised layers got values, standing in for a pretrained static model."""
-    torch.manual_seed(seed)
-    model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=5)
+def randomize_zero_inits(model: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> torch.nn.Module:
+    """adaLN-Zero makes a fresh model output zeros; give the zero-init layers values to test numerics."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "adaLN_modulation" in name or "final_layer.linear" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
     return model
+
+
+def pretrained_like(seed: int = 0) -> DiT:
+    """A tiny DiT whose zero-initialised layers got values, standing in for a pretrained static model."""
+    torch.manual_seed(seed)
+    model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=5)
+    return randomize_zero_inits(model, seed, scale=0.1)
