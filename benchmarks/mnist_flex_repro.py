@@ -44,7 +44,7 @@ from pathlib import Path
 from flexdit_train.demo import run_stage
 from flexdit_train.evaluation.claims import better, compare
 from flexdit_train.evaluation.report import metric_column, plot_fid_vs_compute, read_table, seed_statistics
-from flexdit_train.resolvers import asset_path
+from flexdit_train.runtime.resolvers import asset_path
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 0.05  # claims 1 and 3: within 5%

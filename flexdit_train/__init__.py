@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from flexdit_train.resolvers import register_resolvers
+from flexdit_train.runtime.resolvers import register_resolvers
 
 # The Hydra config tree (top-level conf/, reached through the package's conf link or its installed copy).
 # Absolute, because under `python -m` Hydra would read a relative config_path as a Python module.

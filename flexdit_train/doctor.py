@@ -12,14 +12,12 @@ Shard patterns with braces need quotes: ``data.train_shards='/data/train-{000000
 
 from __future__ import annotations
 
-import netrc
 import os
 import re
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 from hydra import compose, initialize_config_dir
@@ -29,6 +27,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf, read_write
 
 from flexdit_train import CONF_DIR
+from flexdit_train.runtime.loggers import wandb_credentials
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 # Lightning ignores SLURM (and launches its own processes) in jobs with these names.
@@ -236,7 +235,7 @@ def check_process(cfg: DictConfig, trained: dict | None, source: str) -> list[Fi
 
 def check_resumed_process(cfg: DictConfig, path: Path) -> list[Finding]:
     """The process a resumed checkpoint was trained with (training refuses another one, as for pretrained)."""
-    from flexdit_train.runs import checkpoint_meta
+    from flexdit_train.runtime.runs import checkpoint_meta
 
     trained = checkpoint_meta(path).get("diffusion")
     return check_process(cfg, trained, f"resume checkpoint {path}") if trained else []
@@ -245,7 +244,7 @@ def check_resumed_process(cfg: DictConfig, path: Path) -> list[Finding]:
 def check_checkpoints(cfg: DictConfig) -> list[Finding]:
     """model.pretrained, ckpt_path (or what resume=auto would pick) and a distillation teacher file."""
     from flexdit_train.models.loading import from_pretrained
-    from flexdit_train.runs import checkpoint_step, find_resume_checkpoint
+    from flexdit_train.runtime.runs import checkpoint_step, find_resume_checkpoint
 
     findings = []
     pretrained = cfg.model.get("pretrained")
@@ -323,18 +322,6 @@ def check_inception(cfg: DictConfig) -> list[Finding]:
         else:
             findings.append(Finding(OK, "inception", f"{key}: {path} present"))
     return findings or [Finding(OK, "inception", "no FID evaluation configured")]
-
-
-def wandb_credentials(env: Mapping[str, str]) -> str | None:
-    """Where W&B would find an API key (``WANDB_API_KEY`` or the netrc entry ``wandb login`` writes)."""
-    if env.get("WANDB_API_KEY"):
-        return "WANDB_API_KEY"
-    host = urlparse(env.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
-    path = Path(env.get("NETRC") or Path.home() / ".netrc")
-    try:
-        return str(path) if path.is_file() and netrc.netrc(path).authenticators(host) else None
-    except (OSError, netrc.NetrcParseError):
-        return None
 
 
 def check_wandb(cfg: DictConfig, env: Mapping[str, str]) -> list[Finding]:

@@ -16,8 +16,8 @@ from hydra.utils import instantiate
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from flexdit_train import CONF_DIR
-from flexdit_train.cluster import parse_signal, slurm_environment
-from flexdit_train.runs import AtomicCheckpointIO
+from flexdit_train.runtime.cluster import parse_signal, slurm_environment
+from flexdit_train.runtime.runs import AtomicCheckpointIO
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_RUN = [

@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 
 import flexdit_train
 from flexdit_train.models import flexify, from_pretrained
-from flexdit_train.resolvers import ASSETS_DIR, asset_path
+from flexdit_train.runtime.resolvers import ASSETS_DIR, asset_path
 
 TEACHER = Path(asset_path("mnist_dit_teacher.safetensors"))
 

@@ -34,6 +34,7 @@ from flexdit_train.data.media import (
 )
 from flexdit_train.data.stream import WorkerStats, decode_samples, read_shards
 from flexdit_train.data.vae import encode_moments, load_vae, vae_name
+from flexdit_train.runtime.atomic import atomic_write, publish
 
 PROGRESS_DIR = "_progress"
 # Members copied unchanged from an image sample to its latent sample.
@@ -89,11 +90,9 @@ def output_shards(shards: str | list, out: str | Path) -> tuple[ShardSet, list[s
 
 def finish_shard(tmp: str, out: str, record: dict) -> None:
     """Move a written shard into place, then its progress record: a record always means a complete shard."""
-    progress = progress_path(out)
-    progress.parent.mkdir(exist_ok=True)
-    progress.with_suffix(".tmp").write_text(json.dumps(record))
-    os.replace(tmp, out)
-    os.replace(progress.with_suffix(".tmp"), progress)
+    publish(tmp, out)
+    text = json.dumps(record)
+    atomic_write(progress_path(out), lambda progress_tmp: Path(progress_tmp).write_text(text))
 
 
 def encode_shard(job: EncodeJob) -> dict:

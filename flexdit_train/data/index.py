@@ -16,6 +16,8 @@ from pathlib import Path
 
 import webdataset as wds
 
+from flexdit_train.runtime.atomic import atomic_write
+
 INDEX_FORMAT = "flexdit-wds-1"
 
 
@@ -42,9 +44,8 @@ def write_index(path: str | Path, shards: list[tuple[str, int]], **meta) -> dict
         "total": sum(count for _, count in shards),
         **meta,
     }
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(index, indent=1))
-    os.replace(tmp, path)
+    text = json.dumps(index, indent=1)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     return index
 
 

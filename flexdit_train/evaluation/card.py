@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+from flexdit_train.runtime.atomic import atomic_write
+
 # Everything a reader needs to reproduce or compare a number; write_card refuses a card without them.
 CARD_KEYS = (
     "checkpoint", "preset", "budget", "sampling_steps", "num_steps", "sampler", "cfg_scale", "guidance",
@@ -20,9 +22,5 @@ def write_card(path: str | os.PathLike, card: dict) -> Path:
     missing = [k for k in CARD_KEYS if k not in card]
     if missing:
         raise KeyError(f"eval card lacks {missing}; every card carries {list(CARD_KEYS)}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(card, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-    return path
+    text = json.dumps(card, indent=2, sort_keys=True)
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))

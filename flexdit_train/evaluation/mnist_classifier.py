@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
+from flexdit_train.runtime.atomic import atomic_write
+
 # Bump when the architecture, data or recipe changes: cached classifiers of other versions are ignored.
 CLASSIFIER_VERSION = "mnist-cnn-v1"
 MNIST_EXTRACTOR = "mnist-cnn"
@@ -125,11 +127,8 @@ def ensure_classifier(cache_dir: str | os.PathLike) -> Path:
     if path.exists():
         return path
     model, val_accuracy = train_classifier()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save({"version": CLASSIFIER_VERSION, "val_accuracy": val_accuracy, "state_dict": model.state_dict()}, tmp)
-    os.replace(tmp, path)
-    return path
+    state = {"version": CLASSIFIER_VERSION, "val_accuracy": val_accuracy, "state_dict": model.state_dict()}
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_classifier(path: str | os.PathLike) -> MnistCNN:

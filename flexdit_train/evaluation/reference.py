@@ -27,6 +27,7 @@ import torch
 
 from flexdit_train.evaluation.frechet import RunningStats
 from flexdit_train.evaluation.metrics import Extractor, file_sha256, iter_features
+from flexdit_train.runtime.atomic import atomic_write
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MNIST_PREFIX = "mnist:"
@@ -253,8 +254,6 @@ def _cached(spec: str, kind: str, sha: str, extractor: Extractor, kwargs: dict, 
         with np.load(path) as data:
             return data["mu"], data["sigma"], torch.from_numpy(data["features"]), int(data["count"]), str(path)
     mu, sigma, features, count = compute_reference(spec, kind, extractor, **kwargs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npz")
-    np.savez(tmp, mu=mu, sigma=sigma, features=features.numpy(), count=count, source=spec)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: np.savez(tmp, mu=mu, sigma=sigma, features=features.numpy(), count=count,
+                                            source=spec))
     return mu, sigma, features, count, str(path)

@@ -8,12 +8,14 @@ import csv
 import fcntl
 import logging
 import math
-import netrc
 import os
 import re
 from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
+
+from flexdit_train.runtime.atomic import atomic_write
+from flexdit_train.runtime.loggers import wandb_credentials
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +85,14 @@ def record_result(results_dir: str | os.PathLike, row: Mapping) -> dict[str, Pat
         for r in rows:
             columns += [c for c in r if c not in columns and c != "card"]
         columns.append("card")
-        tmp = paths["csv"].with_name(f".{TABLE_CSV}.tmp{os.getpid()}")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns, restval="")
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, paths["csv"])
+
+        def write_csv(tmp: str) -> None:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=columns, restval="")
+                writer.writeheader()
+                writer.writerows(rows)
+
+        atomic_write(paths["csv"], write_csv)
         paths["markdown"].write_text(markdown_table(rows, columns))
         plot_fid_vs_compute(rows, paths["plot"])
     return paths
@@ -221,16 +225,6 @@ def plot_fid_vs_compute(rows: list[Mapping], path: str | os.PathLike, reference:
     return path
 
 
-def has_wandb_credentials() -> bool:
-    """An API key in the environment or in ~/.netrc (what ``wandb login`` writes)."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        return False
-
-
 def log_to_wandb(settings: Mapping, card: Mapping, run_name: str, group: str, images: Mapping[str, Path],
                  rows: list[Mapping]) -> bool:
     """Log one evaluation to W&B when ``settings.project`` is set; any failure is a warning. Returns success."""
@@ -240,7 +234,7 @@ def log_to_wandb(settings: Mapping, card: Mapping, run_name: str, group: str, im
         import wandb
 
         mode = settings.get("mode") or os.environ.get("WANDB_MODE") or (
-            "online" if has_wandb_credentials() else "offline"
+            "online" if wandb_credentials() else "offline"
         )
         config = {k: v for k, v in card.items() if k not in ("metrics", "skipped")}
         run = wandb.init(project=settings["project"], entity=settings.get("entity"), group=settings.get("group") or group,

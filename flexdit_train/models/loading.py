@@ -20,8 +20,7 @@ import os
 import pickle
 import re
 import struct
-import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -30,6 +29,7 @@ from torch import nn
 from flexdit_train.diffusion import process_differences
 from flexdit_train.models.arch import Arch, arch_of, get_arch
 from flexdit_train.models.dit import DIT_SIZES, DiT, DiT_models
+from flexdit_train.runtime.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -504,21 +504,6 @@ def plain_state_dict(net: nn.Module) -> dict[str, torch.Tensor]:
             value = value.clone(memory_format=torch.contiguous_format)
         out[key] = value
     return out
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Write through a temp file in the target directory and os.replace it, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(str(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())  # the data must be on disk before the rename makes it visible
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 #################################################################################

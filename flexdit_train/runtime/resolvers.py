@@ -24,7 +24,7 @@ def default_run_name() -> str:
 
 
 # Files shipped inside the package (the MNIST teacher and its card), found wherever it is installed.
-ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
 
 
 def asset_path(name: str) -> str:

@@ -14,6 +14,7 @@ import logging
 import netrc
 import os
 import socket
+from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -23,14 +24,18 @@ from lightning.pytorch.utilities import rank_zero_only
 log = logging.getLogger(__name__)
 
 
-def has_wandb_credentials() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+def wandb_credentials(env: Mapping[str, str] | None = None) -> str | None:
+    """Where W&B would find an API key: ``WANDB_API_KEY``, or the netrc file (``$NETRC``, else ~/.netrc,
+    which ``wandb login`` writes) with an entry for the W&B host (``WANDB_BASE_URL``); None without one."""
+    env = os.environ if env is None else env
+    if env.get("WANDB_API_KEY"):
+        return "WANDB_API_KEY"
+    host = urlparse(env.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    path = Path(env.get("NETRC") or Path.home() / ".netrc")
     try:
-        return netrc.netrc().authenticators(host) is not None
-    except (FileNotFoundError, netrc.NetrcParseError):
-        return False
+        return str(path) if path.is_file() and netrc.netrc(path).authenticators(host) else None
+    except (OSError, netrc.NetrcParseError):
+        return None
 
 
 def wandb_reachable(timeout: float = 2.0) -> bool:
@@ -48,7 +53,7 @@ def resolve_mode(mode: str) -> str:
         return os.environ["WANDB_MODE"]
     if mode != "auto":
         return mode
-    return "online" if has_wandb_credentials() and wandb_reachable() else "offline"
+    return "online" if wandb_credentials() and wandb_reachable() else "offline"
 
 
 def run_id_for(save_dir: str | Path) -> str:

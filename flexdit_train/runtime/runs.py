@@ -1,39 +1,22 @@
 """Atomic checkpoint writes and ``resume=auto`` (run names that survive requeues: ``resolvers.py``).
 
-Checkpoints are written to a temporary file and renamed into place, so a job
-killed mid-write never leaves a truncated ``.ckpt`` behind; the resume resolver still validates every
-candidate and picks the one with the highest global step.
+Checkpoints are written through :func:`~flexdit_train.runtime.atomic.atomic_write`, so a job killed
+mid-write never leaves a truncated ``.ckpt`` behind; the resume resolver still validates every candidate
+and picks the one with the highest global step.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from flexdit_train.runtime.atomic import atomic_write
+
 log = logging.getLogger(__name__)
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> Path:
-    """torch.save into a temp file in the target directory, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -42,7 +25,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
-        atomic_torch_save(checkpoint, path)
+        atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
 def checkpoint_step(path: Path) -> int | None:
