@@ -32,7 +32,8 @@ from typing import Any
 
 from flexdit_train.flops import DIT_TERMS, CostModel, ForwardShape, Term, cost_model, macs_breakdown
 from flexdit_train.models.arch import arch_of
-from flexdit_train.models.video_dit import block_attention, check_video_patch_divides, video_patch
+from flexdit_train.models.dit import check_patch_divides as check_video_patch_divides
+from flexdit_train.models.video_dit import block_attention, video_patch
 
 #################################################################################
 #                                     Video                                     #

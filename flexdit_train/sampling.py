@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from flexdit_train.models.dit import guided_channels
+from flexdit_train.models.arch import arch_of
+from flexdit_train.models.dit import apply_guidance
 
 
 def sample_generator(seed: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -51,14 +52,6 @@ def weak_guidance_scale(cfg_scale: float, ratio: float = 2.5) -> float:
 def patch_volume(patch: Any) -> int:
     """Pixels (latent cells) per token: larger = weaker; an int p is a p x p patch."""
     return math.prod(patch) if isinstance(patch, tuple) else patch * patch
-
-
-def null_condition(model: nn.Module, cond: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The unconditional counterpart of ``cond``: the null label, or the model's null caption and mask."""
-    if "text_emb" in cond:
-        emb, mask = model.null_text(cond["text_emb"].shape[0])  # (N, L, D_text), (N, L)
-        return {"text_emb": emb.to(cond["text_emb"].dtype), "text_mask": mask}
-    return {"y": torch.full_like(cond["y"], model.null_class)}
 
 
 def cat_conditions(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -118,13 +111,11 @@ class ScheduledDenoiser(nn.Module):
         self.cfg_scale = cfg_scale
         self.guidance = guidance
         self.weak_scale = weak_guidance_scale(cfg_scale) if weak_scale is None else weak_scale
-        self.guided_channels = guided_channels(model, guide_all_channels)
+        self.arch = arch_of(model)
+        self.guided_channels = self.arch.guided_channels(model, guide_all_channels)
 
     def combine(self, cond: torch.Tensor, guide: torch.Tensor, scale: float) -> torch.Tensor:
-        g = self.guided_channels
-        out = cond.clone()  # (N, C_out, ...): unguided channels and variance from the conditional branch
-        out[:, :g] = guide[:, :g] + scale * (cond[:, :g] - guide[:, :g])
-        return out
+        return apply_guidance(cond, guide, scale, self.guided_channels)  # (N, C_out, ...)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, **cond) -> torch.Tensor:
         if y is not None:
@@ -134,7 +125,7 @@ class ScheduledDenoiser(nn.Module):
         if self.guidance_patch_sizes is None:
             return self.model(x, t, **cond, patch_size=p_cond)
         p_guide = self.guidance_patch_sizes[k]
-        null = null_condition(self.model, cond)
+        null = self.arch.null_condition(self.model, cond)
         if p_guide == p_cond:
             both = self.model(torch.cat([x, x]), torch.cat([t, t]), **cat_conditions(cond, null), patch_size=p_cond)
             out, uncond = both.chunk(2)  # (N, C_out, ...) each

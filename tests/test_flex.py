@@ -1,4 +1,4 @@
-"""Flexible DiT: PI-resize matrices, function preservation, LoRA, checkpoints and export (method doc §2)."""
+"""Flexible DiT: PI-resize matrices, function preservation, LoRA, checkpoints and export (FlexiDiT §3.1-3.2)."""
 
 from __future__ import annotations
 
@@ -11,13 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from flexdit_train.models.dit import DiT
-from flexdit_train.models.flex import (
-    FlexDiT,
-    bilinear_resize_matrix,
-    embed_projection,
-    flexify,
-    project_kernel,
-)
+from flexdit_train.models.flex import FlexDiT, flexify
+from flexdit_train.models.flex.resize import embed_projection, project_kernel, resize_matrix
 
 CONFIG = dict(input_size=16, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10)
 PIXEL_CONFIG = dict(CONFIG, input_size=32, patch_size=4, in_channels=1)
@@ -61,17 +56,18 @@ def flex_pair(mode: str = "shared", seed: int = 0, **kwargs) -> tuple[DiT, FlexD
 def test_resize_matrix_is_torch_bilinear(size_in, size_out):
     patch = torch.randn(size_in, size_in, dtype=torch.float64)
     expected = F.interpolate(patch[None, None], size=size_out, mode="bilinear", align_corners=False)
-    got = bilinear_resize_matrix(size_in, size_out) @ patch.flatten()  # (size_out²,)
+    got = resize_matrix((size_in, size_in), (size_out, size_out)) @ patch.flatten()  # (size_out²,)
     torch.testing.assert_close(got, expected.flatten(), rtol=0, atol=1e-12)
 
 
 def test_known_projections():
     patch = torch.randn(1, 1, 4, 4, dtype=torch.float64)
     pooled = F.avg_pool2d(patch, 2).flatten()  # (4,)
-    torch.testing.assert_close(bilinear_resize_matrix(4, 2) @ patch.flatten(), pooled, rtol=0, atol=1e-12)
-    torch.testing.assert_close(embed_projection(4, 4), torch.eye(16, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(resize_matrix((4, 4), (2, 2)) @ patch.flatten(), pooled, rtol=0, atol=1e-12)
+    identity = torch.eye(16, dtype=torch.float64)
+    torch.testing.assert_close(embed_projection((4, 4), (4, 4)), identity, rtol=0, atol=1e-12)
     # Q_embed(2) for p' = 4 sums each 2x2 block of the underlying kernel.
-    torch.testing.assert_close(embed_projection(2, 4) @ patch.flatten(), 4 * pooled, rtol=0, atol=1e-12)
+    torch.testing.assert_close(embed_projection((2, 2), (4, 4)) @ patch.flatten(), 4 * pooled, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("new_size", [6, 8])
@@ -80,7 +76,8 @@ def test_flexivit_property_when_upsampling(new_size):
     kernel = torch.randn(5, 3, 4, 4, dtype=torch.float64)  # (D, C, p', p')
     patch = torch.randn(2, 3, 4, 4, dtype=torch.float64)  # (N, C, p', p')
     resized_patch = F.interpolate(patch, size=new_size, mode="bilinear", align_corners=False)
-    resized_kernel = project_kernel(kernel, embed_projection(new_size, 4))  # (D, C, p, p)
+    size = (new_size, new_size)
+    resized_kernel = project_kernel(kernel, embed_projection(size, (4, 4)), size)  # (D, C, p, p)
     expected = F.conv2d(patch, kernel, stride=4)
     torch.testing.assert_close(F.conv2d(resized_patch, resized_kernel, stride=new_size), expected, rtol=0, atol=1e-9)
 
@@ -88,8 +85,8 @@ def test_flexivit_property_when_upsampling(new_size):
 @pytest.mark.parametrize("mode", ["shared", "lora"])
 @pytest.mark.parametrize("dit,sizes", [({}, (2, 4)), (PIXEL_CONFIG, (4, 8))], ids=["native2", "native4"])
 def test_initial_weak_path_is_the_worked_example(mode, dit, sizes):
-    """Method doc §2.2-2.3 with p' = p_weak = 2 p_nat: weak token = native token of the 2x-average-pooled
-    patch; weak head output = the native head's output bilinearly upsampled within the patch."""
+    """PI-resize init (FlexiDiT §3.1) with p' = p_weak = 2 p_nat: weak token = native token of the
+    2x-average-pooled patch; weak head output = the native head's output bilinearly upsampled within the patch."""
     base, flex = flex_pair(mode, dit=dit, patch_sizes=sizes, lora_rank=4)
     p_nat, p_weak = sizes
     c_in, c_out, d = flex.in_channels, flex.out_channels, flex.hidden_size

@@ -13,8 +13,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from flexdit_train.budget import from_powerful_steps
 from flexdit_train.diffusion import create_diffusion
 from flexdit_train.flops_video import text_cost_model, text_forward_macs, text_macs_breakdown
-from flexdit_train.models.flex import LoRALinear
-from flexdit_train.models.text_dit import FlexTextDiT, TextDiT, flexify_text
+from flexdit_train.models.flex import FlexTextDiT, flexify
+from flexdit_train.models.flex.lora import LoRALinear
+from flexdit_train.models.text_dit import TextDiT
 
 CONFIG = dict(input_size=8, in_channels=4, hidden_size=32, depth=2, num_heads=4, caption_channels=24, text_len=6)
 
@@ -35,7 +36,7 @@ def randomize_(params, seed: int = 2, std: float = 0.1) -> None:
 
 def flex_pair(mode: str = "lora", **kwargs) -> tuple[TextDiT, FlexTextDiT]:
     base = pretrained_text()
-    return base, flexify_text(copy.deepcopy(base), mode=mode, lora_rank=4, **kwargs).eval()
+    return base, flexify(copy.deepcopy(base), mode=mode, lora_rank=4, **kwargs).eval()
 
 
 def inputs(n: int = 2, seed: int = 1):

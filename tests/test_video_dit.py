@@ -1,4 +1,4 @@
-"""Latent video DiT: factorised/full attention, 3-D flexify (method doc §2.7), FLOPs model, errors."""
+"""Latent video DiT: factorised/full attention, 3-D flexify (FlexiDiT's video setting), FLOPs model, errors."""
 
 from __future__ import annotations
 
@@ -17,15 +17,9 @@ from flexdit_train.flops_video import (
     video_forward_macs,
     video_macs_breakdown,
 )
-from flexdit_train.models.flex import bilinear_resize_matrix
-from flexdit_train.models.flex3d import embed_projection_nd, resize_matrix
-from flexdit_train.models.video_dit import (
-    FlexVideoDiT,
-    VideoBlock,
-    VideoDiT,
-    create_video_model,
-    flexify_video,
-)
+from flexdit_train.models.flex import FlexVideoDiT, flexify
+from flexdit_train.models.flex.resize import embed_projection, linear_resize_matrix, resize_matrix
+from flexdit_train.models.video_dit import VideoBlock, VideoDiT, create_video_model
 
 CONFIG = dict(input_size=(4, 8, 8), in_channels=4, hidden_size=32, depth=2, num_heads=4, num_classes=10)
 NATIVE, TEMPORAL, SPATIAL = (1, 2, 2), (2, 2, 2), (1, 4, 4)
@@ -49,7 +43,7 @@ def randomize_(params, seed: int = 2, std: float = 0.1) -> None:
 def flex_pair(mode: str = "shared", attention: str = "factorised", **kwargs) -> tuple[VideoDiT, FlexVideoDiT]:
     """(original, flexified deep copy); flexify adopts the modules it is given."""
     base = pretrained_video(attention)
-    return base, flexify_video(copy.deepcopy(base), mode=mode, lora_rank=4, **kwargs).eval()
+    return base, flexify(copy.deepcopy(base), mode=mode, lora_rank=4, **kwargs).eval()
 
 
 def inputs(fhw=(4, 8, 8), n: int = 2, seed: int = 1):
@@ -60,21 +54,22 @@ def inputs(fhw=(4, 8, 8), n: int = 2, seed: int = 1):
 
 # ----------------------------------------------------------------------------- projections
 def test_resize_matrices_are_torch_linear_resizes():
-    assert torch.equal(resize_matrix((4, 4), (2, 2)), bilinear_resize_matrix(4, 2))
+    r = linear_resize_matrix(4, 2)
+    assert torch.equal(resize_matrix((4, 4), (2, 2)), torch.kron(r, r))  # the square 2-D patch: bilinear
     for size_in, size_out in [((2, 4, 4), (1, 2, 2)), ((1, 2, 2), (2, 4, 4)), ((2, 2, 2), (2, 4, 4))]:
         patch = torch.randn(1, 1, *size_in, dtype=torch.float64)
         expected = F.interpolate(patch, size=size_out, mode="trilinear", align_corners=False).flatten()
         torch.testing.assert_close(resize_matrix(size_in, size_out) @ patch.flatten(), expected, rtol=0, atol=1e-12)
     # Temporal axis alone, native pt = 1 under p't = 2: Q_embed(1) sums the two frames of the underlying
     # kernel, so the pseudo-inverse init halves the native kernel into both frames.
-    torch.testing.assert_close(embed_projection_nd((1,), (2,)), torch.ones(1, 2, dtype=torch.float64))
+    torch.testing.assert_close(embed_projection((1,), (2,)), torch.ones(1, 2, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("mode", ["shared", "lora"])
 def test_initial_weak_paths_follow_the_method_doc(mode):
-    """§2.7: weak temporal token = native token of the frame-averaged patch (kernel duplicated and halved),
-    weak temporal head = native head output duplicated on both frames; §2.2: weak spatial token = native
-    token of the 2x2-average-pooled frames."""
+    """PI-resize along time (the paper duplicates the weights along time, App. C.2): weak temporal token =
+    native token of the frame-averaged patch (kernel duplicated and halved), weak temporal head = native head
+    output duplicated on both frames; weak spatial token = native token of the 2x2-average-pooled frames."""
     base, flex = flex_pair(mode)
     x, _, _ = inputs()
     w = base.x_embedder.proj.weight  # (D, C, 1, 2, 2)

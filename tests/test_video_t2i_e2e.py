@@ -24,7 +24,7 @@ from flexdit_train.data.stream import WorkerStats, read_shards
 from flexdit_train.data.text import TextEncoder, encode_text_shards
 from flexdit_train.diffusion import create_diffusion
 from flexdit_train.flops_video import text_cost_model, video_cost_model, video_forward_macs
-from flexdit_train.models import TextDiT, VideoDiT, export_safetensors, flexify_text, from_pretrained
+from flexdit_train.models import TextDiT, VideoDiT, export_safetensors, flexify, from_pretrained
 from flexdit_train.sample import run_sampling
 from flexdit_train.sampling import ScheduledDenoiser
 from flexdit_train.shards import main as shards_main
@@ -224,7 +224,7 @@ def test_caption_shards_without_embeddings_name_the_command(caption_shards, embe
 
 def test_missing_text_embeddings_are_the_models_error():
     torch.manual_seed(0)
-    model = flexify_text(TextDiT(input_size=SIZE, in_channels=3, hidden_size=32, depth=1, num_heads=2,
+    model = flexify(TextDiT(input_size=SIZE, in_channels=3, hidden_size=32, depth=1, num_heads=2,
                                  caption_channels=TEXT_WIDTH, text_len=TEXT_LEN), patch_sizes=(2, 4), lora_rank=4)
     module = DistillModule(model=model, diffusion=create_diffusion(), optimizer=None)
     with pytest.raises(ValueError) as err:
@@ -248,7 +248,7 @@ def test_model_configs_build_the_presets_from_the_data_shapes(config, data):
 def test_text_guidance_uses_the_null_caption_or_the_weak_conditional_branch():
     base = randomized(TextDiT(input_size=SIZE, in_channels=4, hidden_size=32, depth=1, num_heads=2,
                               caption_channels=TEXT_WIDTH, text_len=TEXT_LEN))
-    model = randomized(flexify_text(base, lora_rank=4)).eval()  # then random adapters too
+    model = randomized(flexify(base, lora_rank=4)).eval()  # then random adapters too
     tmap = create_diffusion("2").timestep_map.tolist()
     x, emb = torch.randn(2, 4, SIZE, SIZE), torch.randn(2, TEXT_LEN, TEXT_WIDTH)
     mask = torch.ones(2, TEXT_LEN, dtype=torch.bool)

@@ -5,13 +5,18 @@ sigma). Submodule names and tensor layouts follow the official state dict exactl
 `DiT-XL-2-256x256.pt` loads with ``strict=True``. The network knows nothing about diffusion: it maps a
 noisy latent, an integer timestep and a class label to ``2C`` output channels (eps and the learned
 variance interpolation value).
+
+:class:`PatchModel` is what every network of the family shares (this DiT, the video and the text DiT):
+settings from the config, the block runner, sin-cos positions at native-grid coordinates, classifier-free
+guidance and the patch hooks (``check_patch_size``, ``embed_patches``, ``project_out``, ``block_forward``)
+their forward goes through, which :mod:`flexdit_train.models.flex` overrides to make them flexible.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from functools import partial
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,13 +35,30 @@ def to_2tuple(size: int | Sequence[int]) -> tuple[int, int]:
     return size  # type: ignore[return-value]
 
 
-def check_patch_divides(latent_hw: tuple[int, int], patch_size: int) -> None:
-    """One-line error when a patch size does not tile the latent."""
-    h, w = latent_hw
-    if h % patch_size or w % patch_size:
+def square_patch(patch: Any) -> int:
+    """The int patch of a 2-D model; a square pair (p, p), the per-axis form, also names p."""
+    sizes = {int(p) for p in patch} if isinstance(patch, (tuple, list)) else {int(patch)}
+    if len(sizes) != 1 or min(sizes) < 1:
+        raise ValueError(f"patch sizes of image models are positive ints (square patches), got {patch!r}")
+    return sizes.pop()
+
+
+def check_patch_divides(latent_shape: Sequence[int], patch: int | Sequence[int]) -> None:
+    """One-line error when a patch does not tile the latent: an (H, W) latent and a square patch p, or an
+    (F, H, W) latent and a (pt, ph, pw) patch (time first, square in space)."""
+    if len(latent_shape) == 3:
+        frames, pt = int(latent_shape[0]), int(patch[0])
+        if frames % pt:
+            raise ValueError(
+                f"temporal patch {pt} does not divide the frame count {frames}; use a frame count that is "
+                f"a multiple of {pt} (e.g. {frames + pt - frames % pt}) or a patch with pt = 1"
+            )
+        latent_shape, patch = latent_shape[1:], patch[1]
+    h, w = (int(s) for s in latent_shape)
+    if h % patch or w % patch:
         raise ValueError(
-            f"patch size {patch_size} does not divide the latent size {h}x{w}; "
-            f"use a latent size that is a multiple of {patch_size} or another patch size"
+            f"patch size {patch} does not divide the latent size {h}x{w}; "
+            f"use a latent size that is a multiple of {patch} or another patch size"
         )
 
 
@@ -213,7 +235,11 @@ class DiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """adaLN-modulated norm and a linear to ``p*p*C_out`` values per token, layout (p_row, p_col, channel)."""
+    """adaLN-modulated norm and a linear to ``p*p*C_out`` values per token, layout (p_row, p_col, channel).
+
+    :meth:`PatchModel.forward` applies the two parts separately (:meth:`~PatchModel.final_modulation`,
+    then :meth:`~PatchModel.project_out`), so a flexible model can swap the linear per patch size.
+    """
 
     def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
         super().__init__()
@@ -221,10 +247,6 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # (N, D) each
-        x = modulate(self.norm_final(x), shift, scale)  # (N, T, D)
-        return self.linear(x)  # (N, T, p*p*C_out)
 
 
 def unpatchify(x: torch.Tensor, grid_hw: tuple[int, int], patch_size: int, channels: int) -> torch.Tensor:
@@ -236,7 +258,179 @@ def unpatchify(x: torch.Tensor, grid_hw: tuple[int, int], patch_size: int, chann
     return x.reshape(x.shape[0], channels, h * p, w * p)  # (N, C, H, W)
 
 
-class DiT(nn.Module):
+def apply_guidance(cond: torch.Tensor, guide: torch.Tensor, scale: float, channels: int) -> torch.Tensor:
+    """``guide + scale * (cond - guide)`` on the first ``channels`` channels, the rest from ``cond``.
+
+    The one guidance formula: classifier-free guidance (``guide`` = the null-condition prediction) and
+    FlexiDiT's weak-conditional guidance (``guide`` = the weak model's conditional prediction, §3.4 of
+    the paper). Unguided channels, including the learned variance, come from the conditional branch.
+    """
+    out = cond.clone()  # (N, C_out, ...)
+    out[:, :channels] = guide[:, :channels] + scale * (cond[:, :channels] - guide[:, :channels])
+    return out
+
+
+def cached_table(cache: dict, key: Hashable, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """Memoised constant table (sin-cos positions); rebuilt while compiling, where dict mutation breaks graphs."""
+    if torch.compiler.is_compiling():
+        return build()
+    if key not in cache:
+        cache[key] = build()
+    return cache[key]
+
+
+class PatchModel(nn.Module):
+    """What every network of the DiT family shares: config settings, blocks, positions, CFG, the patch hooks.
+
+    A subclass builds ``x_embedder.proj``, ``t_embedder``, ``blocks`` and ``final_layer.linear`` and defines
+    ``_canonical_patch`` (user value -> the model's patch: an int or a per-axis tuple), ``_patch_dims``
+    (patch -> per-axis sizes) and ``final_modulation``. The hooks here serve the native patch only; a
+    flexible model (:class:`flexdit_train.models.flex.FlexPatches`) overrides them, so one forward serves both.
+    """
+
+    def _init_settings(self, config: dict[str, Any], native_patch: Any) -> None:
+        """Plain attributes from the config; a flexible model calls this too, then adopts the modules."""
+        self.config = dict(config)
+        self.input_size = tuple(config["input_size"])
+        self.in_channels = config["in_channels"]
+        self.out_channels = 2 * config["in_channels"] if config["learn_sigma"] else config["in_channels"]
+        self.learn_sigma = config["learn_sigma"]
+        self.hidden_size = config["hidden_size"]
+        self.num_heads = config["num_heads"]
+        self.native_patch_size = native_patch
+        self.patch_sizes = (native_patch,)
+        self.weak_patch_sizes: tuple = ()
+        self._pos_cache: dict = {}  # (grid, patch, device, dtype) -> (1, T, D) position table
+
+    def _init_linears_and_patch_embed(self) -> None:
+        """DiT's init of the shared parts, first half: xavier linears (zero bias), the patch conv like a
+        linear over the flattened patch."""
+
+        def _basic_init(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+        self.apply(_basic_init)
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+
+    def _init_timestep_mlp_and_output(self) -> None:
+        """Second half: N(0, 0.02) timestep MLP and a zero output linear (the model starts predicting 0).
+        Separate from the first half because DiT draws its label table in between."""
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    # ------------------------------------------------------------------ patch sizes
+    def check_patch_size(self, patch_size: Any, latent_shape: Sequence[int]) -> Any:
+        """Resolve None to the native patch; one-line error for an unknown or non-dividing one."""
+        p = self.native_patch_size if patch_size is None else self._canonical_patch(patch_size)
+        if p not in self.patch_sizes:
+            raise ValueError(self._unknown_patch_message(p))
+        check_patch_divides(latent_shape, p)
+        return p
+
+    def _unknown_patch_message(self, patch: Any) -> str:
+        return (
+            f"this static {type(self).__name__} runs only at patch size {self.native_patch_size}, not {patch}; "
+            "flexify it (flexdit_train.models.flexify) to use other patch sizes"
+        )
+
+    def position_scale(self, patch: Any) -> float:
+        """Native-grid coordinate of token index 1 at ``patch``: a weak patch p sits at index · p / p_nat."""
+        return patch / self.native_patch_size
+
+    def position_embedding(self, grid: tuple[int, ...], patch: Any) -> torch.Tensor:
+        """(1, T, D) 2-D sin-cos table at native-grid coordinates; the stored ``pos_embed`` at the native grid.
+
+        For the image models, which store their native table; the video DiT builds its own (time axis).
+        """
+        native_grid = tuple(s // self.native_patch_size for s in self.input_size)
+        if patch == self.native_patch_size and tuple(grid) == native_grid:
+            return self.pos_embed
+        ref = self.pos_embed
+
+        def build() -> torch.Tensor:
+            table = sincos_2d(self.hidden_size, grid, self.position_scale(patch))  # (T, D)
+            return table.unsqueeze(0).to(device=ref.device, dtype=ref.dtype)  # (1, T, D)
+
+        return cached_table(self._pos_cache, (tuple(grid), patch, ref.device, ref.dtype), build)
+
+    def embed_patches(self, x: torch.Tensor, patch_size: Any) -> torch.Tensor:
+        """(N, C_in, *latent) -> (N, T, D) tokens in row-major grid order."""
+        return self.x_embedder(x)  # (N, T, D)
+
+    def project_out(self, h: torch.Tensor, patch_size: Any) -> torch.Tensor:
+        """Final linear: (N, T, D) modulated tokens -> (N, T, prod(p)·C_out)."""
+        return self.final_layer.linear(h)  # (N, T, prod(p)·C_out)
+
+    # ------------------------------------------------------------------ blocks
+    def run_blocks(self, x: torch.Tensor, *args: Any, patch_size: Any) -> torch.Tensor:
+        """x (N, T, D) through every block as ``block(x, *args)`` at ``patch_size``, checkpointed per block
+        when training with ``grad_checkpointing``."""
+        checkpointing = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        for block in self.blocks:
+            if checkpointing:
+                x = checkpoint(self.block_forward, block, patch_size, x, *args, use_reentrant=False)  # (N, T, D)
+            else:
+                x = self.block_forward(block, patch_size, x, *args)  # (N, T, D)
+        return x
+
+    def block_forward(self, block: nn.Module, patch_size: Any, *args: Any) -> torch.Tensor:
+        """One block call; the blocks of a static model do not depend on the patch size."""
+        return block(*args)  # (N, T, D)
+
+    # ------------------------------------------------------------------ guidance
+    def forward_with_cfg(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        cfg_scale: float,
+        guide_all_channels: bool | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """Classifier-free guidance on a batch whose second half carries the null condition (DiT's API).
+
+        The first half's latents go through both halves of the condition; both output halves carry the
+        guided channels (:func:`apply_guidance`) and their own unguided ones. By default (None: the arch's
+        convention) a DiT guides only its first 3 channels, reproducing the official sampler (and its FID
+        2.27), and the video and text DiTs all; ``True``/``False`` force all/3.
+        """
+        half = x[: len(x) // 2]  # (N/2, C, ...)
+        out = self.forward(torch.cat([half, half], dim=0), t, y, **kwargs)  # (N, C_out, ...)
+        cond, uncond = out.chunk(2)
+        channels = arch_of(self).guided_channels(self, guide_all_channels)
+        guided = apply_guidance(cond, uncond, cfg_scale, channels)
+        return torch.cat([guided, torch.cat([guided[:, :channels], uncond[:, channels:]], dim=1)])
+
+
+class ClassConditional:
+    """Class-label conditioning of the image and video DiTs: ``c = t_emb + y_emb``, null class for CFG."""
+
+    @property
+    def null_class(self) -> int:
+        """Label id of the classifier-free-guidance null row."""
+        return self.num_classes
+
+    def embed_condition(
+        self, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        t_emb = self.t_embedder(t)  # (N, D)
+        y_emb = self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
+        return t_emb + y_emb  # (N, D)
+
+    def final_modulation(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """adaLN of the final layer: (N, T, D) tokens, (N, D) condition -> modulated (N, T, D) tokens."""
+        shift, scale = self.final_layer.adaLN_modulation(c).chunk(2, dim=1)  # (N, D) each, one for all sizes
+        return modulate(self.final_layer.norm_final(x), shift, scale)  # (N, T, D)
+
+
+class DiT(ClassConditional, PatchModel):
     """Diffusion model with a Transformer backbone."""
 
     def __init__(
@@ -255,28 +449,23 @@ class DiT(nn.Module):
         label_embed_std: float = 0.02,
     ):
         super().__init__()
-        self.input_size = to_2tuple(input_size)
-        check_patch_divides(self.input_size, patch_size)
-        self.learn_sigma = learn_sigma
-        self.in_channels = in_channels
-        self.out_channels = in_channels * 2 if learn_sigma else in_channels
-        self.patch_size = patch_size
-        self.hidden_size = hidden_size
-        self.num_heads = num_heads
-        self.num_classes = num_classes
-        self.grad_checkpointing = grad_checkpointing
-        self.config = dict(
-            input_size=list(self.input_size),
-            patch_size=patch_size,
-            in_channels=in_channels,
-            hidden_size=hidden_size,
-            depth=depth,
-            num_heads=num_heads,
-            mlp_ratio=mlp_ratio,
-            class_dropout_prob=class_dropout_prob,
-            num_classes=num_classes,
-            learn_sigma=learn_sigma,
+        check_patch_divides(to_2tuple(input_size), patch_size)
+        self._init_settings(
+            dict(
+                input_size=list(to_2tuple(input_size)),
+                patch_size=patch_size,
+                in_channels=in_channels,
+                hidden_size=hidden_size,
+                depth=depth,
+                num_heads=num_heads,
+                mlp_ratio=mlp_ratio,
+                class_dropout_prob=class_dropout_prob,
+                num_classes=num_classes,
+                learn_sigma=learn_sigma,
+            ),
+            patch_size,
         )
+        self.grad_checkpointing = grad_checkpointing
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -288,22 +477,20 @@ class DiT(nn.Module):
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights(label_embed_std)
 
-    @property
-    def null_class(self) -> int:
-        """Label id of the classifier-free-guidance null row."""
-        return self.num_classes
+    def _init_settings(self, config: dict[str, Any], native_patch: int) -> None:
+        super()._init_settings(config, native_patch)
+        self.patch_size = native_patch
+        self.num_classes = config["num_classes"]
 
-    # Static and flexible models share these two, so samplers and objectives need no type checks.
-    @property
-    def native_patch_size(self) -> int:
-        return self.patch_size
+    # ------------------------------------------------------------------ PatchModel hooks
+    _canonical_patch = staticmethod(square_patch)
 
-    @property
-    def patch_sizes(self) -> tuple[int, ...]:
-        return (self.patch_size,)
+    @staticmethod
+    def _patch_dims(patch: int) -> tuple[int, int]:
+        return (patch, patch)
 
     def grid_size(self, latent_hw: Sequence[int], patch_size: int | None = None) -> tuple[int, int]:
-        p = patch_size or self.patch_size
+        p = patch_size or self.native_patch_size
         h, w = to_2tuple(latent_hw)
         check_patch_divides((h, w), p)
         return h // p, w // p
@@ -312,52 +499,16 @@ class DiT(nn.Module):
         """DiT's initialisation. ``label_embed_std`` (DiT: 0.02) only matters when training from scratch:
         at 0.02 a label vector is ~20x shorter than the timestep embedding, and small models trained for
         a few thousand steps barely learn to use it; ~1.0 makes class conditioning effective at once."""
-        def _basic_init(module: nn.Module) -> None:
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-
-        self.apply(_basic_init)
-        grid = self.grid_size(self.input_size)
-        self.pos_embed.data.copy_(sincos_2d(self.hidden_size, grid).unsqueeze(0))
-        # Patch embedding initialised like a linear layer (xavier over the flattened kernel).
-        w = self.x_embedder.proj.weight.data
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
+        self._init_linears_and_patch_embed()
+        self.pos_embed.data.copy_(sincos_2d(self.hidden_size, self.grid_size(self.input_size)).unsqueeze(0))
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=label_embed_std)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        self._init_timestep_mlp_and_output()
         # adaLN-Zero: every block starts as the identity, the output layer starts at zero.
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
-
-    def position_embedding(self, grid_hw: tuple[int, int], coord_scale: float = 1.0) -> torch.Tensor:
-        """(1, T, D) sin-cos table for a token grid; the stored table when the grid is the native one."""
-        if tuple(grid_hw) == self.grid_size(self.input_size) and coord_scale == 1.0:
-            return self.pos_embed
-        table = sincos_2d(self.hidden_size, grid_hw, coord_scale)
-        return table.unsqueeze(0).to(device=self.pos_embed.device, dtype=self.pos_embed.dtype)
-
-    def embed_condition(
-        self, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        t_emb = self.t_embedder(t)  # (N, D)
-        y_emb = self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
-        return t_emb + y_emb  # (N, D)
-
-    def run_blocks(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, c, use_reentrant=False)  # (N, T, D)
-            else:
-                x = block(x, c)  # (N, T, D)
-        return x
 
     def forward(
         self,
@@ -367,66 +518,20 @@ class DiT(nn.Module):
         patch_size: int | None = None,
         force_drop_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x: (N, C, H, W) latents, t: (N,) timesteps, y: (N,) labels -> (N, C_out, H, W).
+        """x: (N, C, H, W) latents, t: (N,) timesteps, y: (N,) labels -> (N, C_out, H, W) at ``patch_size``.
 
-        ``patch_size`` exists so static and flexible models share one call signature; a static DiT
-        accepts only its own patch size. ``force_drop_ids`` (N,) replaces the random label dropout with
-        a given mask (1 = null class), so two forwards can see exactly the same dropped labels.
+        ``patch_size`` None means the native size (a static DiT accepts only that one); ``force_drop_ids``
+        (N,) replaces the random label dropout with a given mask (1 = null class), so two forwards can see
+        exactly the same dropped labels.
         """
-        if patch_size not in (None, self.patch_size):
-            raise ValueError(
-                f"this static DiT runs only at patch size {self.patch_size}, not {patch_size}; "
-                "flexify it (flexdit_train.models.flexify) to use other patch sizes"
-            )
-        grid = self.grid_size(x.shape[-2:])
-        x = self.x_embedder(x) + self.position_embedding(grid)  # (N, T, D)
+        p = self.check_patch_size(patch_size, x.shape[-2:])
+        grid = (x.shape[-2] // p, x.shape[-1] // p)
+        x = self.embed_patches(x, p) + self.position_embedding(grid, p)  # (N, T, D)
         c = self.embed_condition(t, y, force_drop_ids)  # (N, D)
-        x = self.run_blocks(x, c)  # (N, T, D)
-        x = self.final_layer(x, c)  # (N, T, p*p*C_out)
-        return unpatchify(x, grid, self.patch_size, self.out_channels)  # (N, C_out, H, W)
-
-    def forward_with_cfg(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        y: torch.Tensor,
-        cfg_scale: float,
-        guide_all_channels: bool | None = None,
-        **kwargs,
-    ) -> torch.Tensor:
-        """Classifier-free guidance on a batch whose second half carries the null label.
-
-        By default (None: the arch's convention) a DiT guides only its first 3 channels, reproducing the
-        official sampler (and its FID 2.27), and a video DiT all; ``True``/``False`` force all/3.
-        """
-        return guided_forward(self, partial(self.forward, **kwargs), x, t, y, cfg_scale, guide_all_channels)
-
-
-def guided_channels(model: nn.Module, guide_all_channels: bool | None) -> int:
-    """How many eps channels CFG combines: all, or DiT's first 3; None follows the model's arch."""
-    all_channels = arch_of(model).guide_all_channels(guide_all_channels)
-    return model.in_channels if all_channels else min(3, model.in_channels)
-
-
-def guided_forward(
-    model: nn.Module,
-    forward,
-    x: torch.Tensor,
-    t: torch.Tensor,
-    y: torch.Tensor,
-    cfg_scale: float,
-    guide_all_channels: bool | None = None,
-) -> torch.Tensor:
-    """Shared CFG arithmetic: duplicate the conditional half, combine eps = uncond + s * (cond - uncond)."""
-    half = x[: len(x) // 2]  # (N/2, C, H, W)
-    combined = torch.cat([half, half], dim=0)  # (N, C, H, W)
-    model_out = forward(combined, t, y)  # (N, C_out, H, W)
-    guided = guided_channels(model, guide_all_channels)
-    eps, rest = model_out[:, :guided], model_out[:, guided:]
-    cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
-    half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
-    eps = torch.cat([half_eps, half_eps], dim=0)
-    return torch.cat([eps, rest], dim=1)
+        x = self.run_blocks(x, c, patch_size=p)  # (N, T, D)
+        x = self.final_modulation(x, c)  # (N, T, D)
+        x = self.project_out(x, p)  # (N, T, p*p*C_out)
+        return unpatchify(x, grid, p, self.out_channels)  # (N, C_out, H, W)
 
 
 #################################################################################

@@ -8,20 +8,9 @@ from typing import Any
 from torch import nn
 
 from flexdit_train.models.arch import arch_of, get_arch
-from flexdit_train.models.dit import create_model
-from flexdit_train.models.text_dit import TextDiT_models
-from flexdit_train.models.video_dit import VideoDiT_models
 
-# What a DiT registry name fixes; the config's other keys (shapes, label dropout, init) still apply.
+# What a registry name fixes; the config's other keys (shapes, label dropout, attention, init) still apply.
 PRESET_SIZES = ("patch_size", "hidden_size", "depth", "num_heads")
-# Config keys the data decides, per arch: a pretrained model must agree with them.
-DATA_KEYS = {
-    "dit": ("input_size", "num_classes", "in_channels"),
-    "video_dit": ("input_size", "num_classes", "in_channels"),
-    "text_dit": ("input_size", "in_channels", "caption_channels", "text_len"),
-}
-# Registries of the other archs: their presets fix depth, width, heads and patch; every other argument passes.
-PRESETS = {"video_dit": VideoDiT_models, "text_dit": TextDiT_models}
 
 
 def build_model(
@@ -35,26 +24,25 @@ def build_model(
 
     ``arch`` picks the family (:mod:`flexdit_train.models.arch`: dit, video_dit, text_dit). ``pretrained``
     loads a checkpoint (its shapes and arch win) and checks them against the data-derived sizes in
-    ``kwargs``; ``name`` picks a registry preset; otherwise the explicit sizes in ``kwargs`` build the model.
+    ``kwargs``; ``name`` picks a registry preset, which fixes the sizes of :data:`PRESET_SIZES`; otherwise
+    the explicit sizes in ``kwargs`` build the model.
     """
     family = get_arch(arch)
     if pretrained:
         from flexdit_train.models.loading import from_pretrained
 
-        # DiT names are checked against the weights; other archs' checkpoints store their config.
-        model = from_pretrained(pretrained, model=name if arch == "dit" else None)
+        # Official-layout names are checked against the weights; other archs' checkpoints store their config.
+        model = from_pretrained(pretrained, model=name if family.official_layout else None)
         if arch_of(model).name != arch:
             raise ValueError(
                 f"checkpoint {pretrained} holds a {arch_of(model).name}, the model config a {arch}: "
                 "pick the matching model config or checkpoint"
             )
-        check_matches_data(model, pretrained, **{k: kwargs[k] for k in DATA_KEYS[arch] if k in kwargs})
-    elif name and arch == "dit":
-        model = create_model(name, **{k: v for k, v in kwargs.items() if k not in PRESET_SIZES})
+        check_matches_data(model, pretrained, **{k: kwargs[k] for k in family.data_keys if k in kwargs})
     elif name:
-        if name not in PRESETS[arch]:
-            raise ValueError(f"unknown {arch} model {name!r}; choose one of {', '.join(PRESETS[arch])}")
-        model = PRESETS[arch][name](**kwargs)
+        if name not in family.presets:
+            raise ValueError(f"unknown {arch} model {name!r}; choose one of {', '.join(family.presets)}")
+        model = family.presets[name](**{k: v for k, v in kwargs.items() if k not in PRESET_SIZES})
     else:
         model = family.static(**kwargs)
     model.grad_checkpointing = grad_checkpointing

@@ -95,7 +95,7 @@ def from_pretrained(
         load_strict(unwrap(model), state_dict, source)
         unwrap(model).diffusion_process = meta.get("diffusion")
         return model
-    if arch.name != "dit":
+    if not arch.official_layout:
         if model is not None:
             raise CheckpointError(
                 f"checkpoint {source} holds a {arch.name} with its stored config; model names are DiT presets, "

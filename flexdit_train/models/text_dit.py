@@ -1,4 +1,4 @@
-"""Text-conditioned Diffusion Transformer (PixArt-alpha style) and its flexible version (FlexiDiT §3.2).
+"""Text-conditioned Diffusion Transformer (PixArt-alpha style), flexible through :mod:`flexdit_train.models.flex`.
 
 The network maps (N, C, H, W) latents, timesteps and pre-computed text-encoder outputs (N, L, D_text)
 with a padding mask (N, L) to (N, 2C, H, W) (eps and the learned variance value). PixArt-alpha's design:
@@ -19,8 +19,8 @@ the tables and ``t_block`` start at zero (adaLN-Zero: each block starts as the i
 caption is a trained parameter with an all-valid mask (PixArt keeps it a buffer and reuses the caption's
 mask), and attention is torch SDPA instead of xformers.
 
-:func:`flexify_text` adds weak patch sizes: LoRA on self-attention and MLP only, cross-attention
-frozen without adapters (method doc §2.6), new embed/de-embed per weak size.
+``flexify`` adds weak patch sizes as in FlexiDiT's text-to-image setting (§3.2 of the paper): LoRA on
+self-attention and MLP only, cross-attention frozen without adapters, new embed/de-embed per weak size.
 """
 
 from __future__ import annotations
@@ -38,15 +38,15 @@ from flexdit_train.models.dit import (
     Attention,
     Mlp,
     PatchEmbed,
+    PatchModel,
     TimestepEmbedder,
     check_patch_divides,
-    guided_forward,
     modulate,
     sincos_2d,
+    square_patch,
     to_2tuple,
     unpatchify,
 )
-from flexdit_train.models.flex3d import FlexPatches, PatchModel, cached_table
 
 
 class CaptionProjection(nn.Module):
@@ -148,8 +148,6 @@ class TextFinalLayer(nn.Module):
 class TextDiT(PatchModel):
     """Text-conditioned DiT; ``forward(x, t, text_emb, text_mask)`` with (N, L, D_text) caption embeddings."""
 
-    flexify_name = "flexify_text"
-
     def __init__(
         self,
         input_size: int | Iterable[int] = 32,
@@ -204,26 +202,19 @@ class TextDiT(PatchModel):
         self.pe_interpolation = config["pe_interpolation"]
 
     # ------------------------------------------------------------------ PatchModel hooks
-    _check_divides = staticmethod(check_patch_divides)
-
-    @staticmethod
-    def _canonical_patch(patch: Any) -> int:
-        """An int patch; a square pair (p, p) also names p (flex3d's per-axis form)."""
-        sizes = {int(p) for p in patch} if isinstance(patch, (tuple, list)) else {int(patch)}
-        if len(sizes) != 1 or min(sizes) < 1:
-            raise ValueError(f"text-model patch sizes are positive ints (square patches), got {patch!r}")
-        return sizes.pop()
+    _canonical_patch = staticmethod(square_patch)
 
     @staticmethod
     def _patch_dims(patch: int) -> tuple[int, int]:
         return (patch, patch)
 
-    @staticmethod
-    def _key(patch: int) -> str:
-        return f"p{patch}"  # as flex.FlexDiT
+    def position_scale(self, patch: int) -> float:
+        """PixArt's ``pe_interpolation`` shrinks the position grid on top of the native-grid coordinates."""
+        return super().position_scale(patch) / self.pe_interpolation
 
     def initialize_weights(self) -> None:
-        self._init_common_weights()
+        self._init_linears_and_patch_embed()
+        self._init_timestep_mlp_and_output()
         grid = (self.input_size[0] // self.native_patch_size, self.input_size[1] // self.native_patch_size)
         self.pos_embed.data.copy_(sincos_2d(self.hidden_size, grid, 1 / self.pe_interpolation).unsqueeze(0))
         nn.init.normal_(self.y_embedder.y_proj.fc1.weight, std=0.02)  # PixArt's init of the caption MLP
@@ -268,19 +259,6 @@ class TextDiT(PatchModel):
             )
         return text_emb, text_mask.bool()
 
-    def position_embedding(self, grid_hw: tuple[int, int], patch_size: int) -> torch.Tensor:
-        """(1, T, D) sin-cos table at native-grid coordinates (index · p / p_nat); the stored one when native."""
-        p_nat = self.native_patch_size
-        if patch_size == p_nat and tuple(grid_hw) == (self.input_size[0] // p_nat, self.input_size[1] // p_nat):
-            return self.pos_embed
-        ref = self.pos_embed
-
-        def build() -> torch.Tensor:
-            table = sincos_2d(self.hidden_size, grid_hw, patch_size / p_nat / self.pe_interpolation)  # (T, D)
-            return table.unsqueeze(0).to(device=ref.device, dtype=ref.dtype)  # (1, T, D)
-
-        return cached_table(self._pos_cache, (tuple(grid_hw), patch_size, ref.device, ref.dtype), build)
-
     def forward(
         self,
         x: torch.Tensor,
@@ -323,40 +301,8 @@ class TextDiT(PatchModel):
         guide_all_channels: bool | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        """CFG on a batch whose second half carries :meth:`null_text`; same arithmetic as ``DiT.forward_with_cfg``."""
-        forward = partial(self.forward, text_mask=text_mask, **kwargs)
-        return guided_forward(self, forward, x, t, text_emb, cfg_scale, guide_all_channels)
-
-
-class FlexTextDiT(FlexPatches, TextDiT):
-    """A TextDiT that runs at every size in ``patch_sizes``; build it with :func:`flexify_text`.
-
-    LoRA mode (the paper's choice for text-to-image): original frozen, native path bit-exact, adapters on
-    self-attention and MLP of every block for each weak size, cross-attention untouched. Shared mode as
-    ``flex.FlexDiT``. Distillation calls the same forward at the native and a weak ``patch_size``.
-    """
-
-    base = TextDiT
-
-    def __init__(
-        self,
-        model: TextDiT,
-        patch_sizes: Iterable[int] = (2, 4),
-        mode: str = "lora",
-        lora_rank: int = 32,
-        lora_alpha: float | None = None,
-        underlying_patch_size: int | None = None,
-    ):
-        self._flexify(model, patch_sizes, mode, lora_rank, lora_alpha, underlying_patch_size)
-
-
-def flexify_text(model: TextDiT, **kwargs: Any) -> FlexTextDiT:
-    """Make ``model`` run at more patch sizes: :class:`FlexTextDiT`'s arguments (default: (2, 4), LoRA
-    mode, rank 32 as the paper's PixArt-alpha, scale ``lora_alpha / lora_rank``).
-
-    Adopts ``model``'s modules (deep-copy it first to keep an independent original).
-    """
-    return FlexTextDiT(model, **kwargs)
+        """CFG on a batch whose second half carries :meth:`null_text`; see :meth:`PatchModel.forward_with_cfg`."""
+        return super().forward_with_cfg(x, t, text_emb, cfg_scale, guide_all_channels, text_mask=text_mask, **kwargs)
 
 
 #################################################################################

@@ -1,4 +1,4 @@
-"""Latent video Diffusion Transformer (Latte-style) and its flexible version (FlexiDiT, method doc §2.7).
+"""Latent video Diffusion Transformer (Latte-style), flexible through :mod:`flexdit_train.models.flex`.
 
 The network maps (N, C, F, H, W) latents (a per-frame image VAE's latents stacked along time), timesteps
 and class labels to (N, 2C, F, H, W) outputs (eps and the learned variance value, as DiT). A 3-D patch
@@ -14,14 +14,14 @@ evaluated at native-grid coordinates (index · p / p_nat per axis) and added onc
 attention kinds. The conditioning vector is computed once per video and broadcast over its tokens,
 so each block's adaLN costs 6·D² per video (Latte repeats it per frame).
 
-:func:`flexify_video` makes one model run at the native (1, 2, 2) and the weak temporal (2, 2, 2) and
-spatial (1, 4, 4) patches, in flex.py's shared or LoRA mode (see :mod:`flexdit_train.models.flex3d`).
+``flexify`` makes one model run at the native (1, 2, 2) and the weak temporal (2, 2, 2) and spatial
+(1, 4, 4) patches (FlexiDiT's video setting, §4.3 and App. C.2 of the paper).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -31,17 +31,18 @@ from torch import nn
 
 from flexdit_train.models.dit import (
     DIT_SIZES,
-    DiT,
+    ClassConditional,
     DiTBlock,
     FinalLayer,
     LabelEmbedder,
+    PatchModel,
     TimestepEmbedder,
+    cached_table,
     check_patch_divides,
     modulate,
     sincos_1d,
     sincos_2d,
 )
-from flexdit_train.models.flex3d import FlexPatches, PatchModel, cached_table
 
 ATTENTION_KINDS = ("factorised", "full")
 
@@ -67,17 +68,6 @@ def video_patch(patch_size: Any) -> tuple[int, int, int]:
             "e.g. (1, 2, 2) native, (2, 2, 2) weak temporal, (1, 4, 4) weak spatial"
         )
     return pt, ph, pw
-
-
-def check_video_patch_divides(latent_fhw: Sequence[int], patch: tuple[int, int, int]) -> None:
-    """One-line error when a patch does not tile the (F, H, W) latent."""
-    frames = latent_fhw[0]
-    if frames % patch[0]:
-        raise ValueError(
-            f"temporal patch {patch[0]} does not divide the frame count {frames}; use a frame count that is "
-            f"a multiple of {patch[0]} (e.g. {frames + patch[0] - frames % patch[0]}) or a patch with pt = 1"
-        )
-    check_patch_divides(tuple(latent_fhw[1:]), patch[1])
 
 
 class VideoPatchEmbed(nn.Module):
@@ -130,10 +120,8 @@ def unpatchify_3d(
     return x.reshape(x.shape[0], channels, f * a, h * b, w * e)  # (N, C, F, H, W)
 
 
-class VideoDiT(PatchModel):
+class VideoDiT(ClassConditional, PatchModel):
     """Class-conditional latent video DiT; ``patch_size`` (pt, ph, pw), ``attention`` factorised or full."""
-
-    flexify_name = "flexify_video"
 
     def __init__(
         self,
@@ -155,7 +143,7 @@ class VideoDiT(PatchModel):
             raise ValueError(f"input_size is the (F, H, W) latent shape, got {input_size!r}")
         kinds = block_attention(attention, depth)
         native = video_patch(patch_size)
-        check_video_patch_divides(input_size, native)
+        check_patch_divides(input_size, native)
         self._init_settings(
             dict(
                 input_size=[int(s) for s in input_size],
@@ -186,25 +174,16 @@ class VideoDiT(PatchModel):
         self.num_classes = config["num_classes"]
         self.attention = config["attention"]
 
-    # Same definitions as the image DiT: label row for CFG, t + y conditioning, CFG arithmetic.
-    null_class = DiT.null_class
-    embed_condition = DiT.embed_condition
-    forward_with_cfg = DiT.forward_with_cfg
-
     # ------------------------------------------------------------------ PatchModel hooks
     _canonical_patch = staticmethod(video_patch)
-    _check_divides = staticmethod(check_video_patch_divides)
 
     @staticmethod
     def _patch_dims(patch: tuple[int, int, int]) -> tuple[int, int, int]:
         return patch
 
-    @staticmethod
-    def _key(patch: tuple[int, int, int]) -> str:
-        return "p" + "x".join(map(str, patch))  # "p1x4x4"
-
     def initialize_weights(self) -> None:
-        self._init_common_weights()
+        self._init_linears_and_patch_embed()
+        self._init_timestep_mlp_and_output()
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         # adaLN-Zero: every block starts as the identity, as DiT.
         for module in [*(block.adaLN_modulation[-1] for block in self.blocks), self.final_layer.adaLN_modulation[-1]]:
@@ -213,7 +192,7 @@ class VideoDiT(PatchModel):
 
     def grid_size(self, latent_fhw: Sequence[int], patch_size: Sequence[int] | None = None) -> tuple[int, int, int]:
         p = self.native_patch_size if patch_size is None else video_patch(patch_size)
-        check_video_patch_divides(latent_fhw, p)
+        check_patch_divides(latent_fhw, p)
         return tuple(int(s) // q for s, q in zip(latent_fhw, p))  # type: ignore[return-value]
 
     def check_patch_size(self, patch_size: Sequence[int] | None, shape: Sequence[int]) -> tuple[int, int, int]:
@@ -256,44 +235,9 @@ class VideoDiT(PatchModel):
         x = self.embed_patches(x, p) + self.position_embedding(grid, p)  # (N, T, D)
         c = self.embed_condition(t, y, force_drop_ids)  # (N, D)
         x = self.run_blocks(x, c, grid, patch_size=p)  # (N, T, D)
-        shift, scale = self.final_layer.adaLN_modulation(c).chunk(2, dim=1)  # (N, D) each, one for all sizes
-        x = modulate(self.final_layer.norm_final(x), shift, scale)  # (N, T, D)
+        x = self.final_modulation(x, c)  # (N, T, D)
         x = self.project_out(x, p)  # (N, T, pt·ph·pw·C_out)
         return unpatchify_3d(x, grid, p, self.out_channels)  # (N, C_out, F, H, W)
-
-
-class FlexVideoDiT(FlexPatches, VideoDiT):
-    """A VideoDiT that runs at every patch in ``patch_sizes``; build it with :func:`flexify_video`.
-
-    Shared mode: one underlying embed/de-embed pair at the elementwise-max patch (2, 4, 4), PI-projected to
-    every patch, all weights trainable. LoRA mode: the original is frozen (native path bit-exact), each
-    weak patch gets its own Conv3d/linear, patch-size embedding and adapters (keys ``p2x2x2``, ``p1x4x4``).
-    """
-
-    base = VideoDiT
-
-    def __init__(
-        self,
-        model: VideoDiT,
-        patch_sizes: Iterable[Sequence[int]] | None = None,
-        mode: str = "shared",
-        lora_rank: int = 64,
-        lora_alpha: float | None = None,
-        underlying_patch_size: Sequence[int] | None = None,
-    ):
-        if patch_sizes is None:  # native, weak temporal (2x frames), weak spatial (2x rows and columns)
-            pt, ph, pw = model.native_patch_size
-            patch_sizes = [(pt, ph, pw), (2 * pt, ph, pw), (pt, 2 * ph, 2 * pw)]
-        self._flexify(model, patch_sizes, mode, lora_rank, lora_alpha, underlying_patch_size)
-
-
-def flexify_video(model: VideoDiT, **kwargs: Any) -> FlexVideoDiT:
-    """Make ``model`` run at more patches: :class:`FlexVideoDiT`'s arguments (default: native, 2x temporal,
-    2x spatial; shared mode; LoRA rank 64 as the paper's video DiT, scale ``lora_alpha / lora_rank``).
-
-    Adopts ``model``'s modules (deep-copy it first to keep an independent original).
-    """
-    return FlexVideoDiT(model, **kwargs)
 
 
 #################################################################################

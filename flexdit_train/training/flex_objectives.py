@@ -18,7 +18,7 @@ from torch import nn
 
 from flexdit_train.budget import Patch, as_patch
 from flexdit_train.diffusion import process_mismatch
-from flexdit_train.models.arch import arch_of
+from flexdit_train.models.dit import check_patch_divides
 from flexdit_train.models.loading import from_pretrained
 from flexdit_train.sampling import patch_volume
 from flexdit_train.training.ema import make_ema
@@ -61,9 +61,8 @@ def check_sizes_available(model: nn.Module, sizes, what: str) -> None:
             f"{what} uses patch sizes {missing} but the model has {list(available)}; "
             "flexify with those sizes (flex.patch_sizes) or change the distribution"
         )
-    check_divides = arch_of(model).check_divides
     for p in sizes:
-        check_divides(tuple(model.input_size), p)
+        check_patch_divides(tuple(model.input_size), p)
 
 
 class TimestepRanges:

@@ -114,14 +114,8 @@ class DiffusionModule(L.LightningModule):
         return None
 
     def model_cond(self, batch: dict, patch_size: Any) -> dict[str, Any]:
-        """Model kwargs of a batch: ``y`` for class-conditional archs, ``text_emb``/``text_mask`` for text.
-
-        Missing caption embeddings go to the model as None, so its own one-line error names what it needs.
-        """
-        if self.arch.conditioning == "text":
-            cond: dict[str, Any] = {"text_emb": batch.get("text_emb"), "text_mask": batch.get("text_mask")}
-        else:
-            cond = {"y": batch["y"]}
+        """Model kwargs of a batch: the arch's condition (labels or caption embeddings) and the patch size."""
+        cond = self.arch.condition(batch)
         if patch_size is not None:
             cond["patch_size"] = patch_size
         return cond
