@@ -11,8 +11,8 @@ branch, and the weak (large) patch before. With r = cost(weak) / cost(native) it
 
 A patch size is an int (square 2-D patch of the image DiTs) or a per-axis tuple such as the video
 DiT's (1, 2, 2); lists from YAML/JSON become tuples. A cost is any callable
-``patch_size -> MACs of one forward for one sample``; :class:`flexdit_train.flops.CostModel` and
-:class:`flexdit_train.flops_video.VideoCostModel` are the analytic ones.
+``patch_size -> MACs of one forward for one sample``; :class:`flexdit_train.flops.CostModel` is the
+analytic one of every arch.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from flexdit_train import CONF_DIR
 from flexdit_train.budget import BudgetSchedule, Patch, as_patch, build_schedule, patch_label
 from flexdit_train.diffusion import sampling_diffusion
-from flexdit_train.flops_video import model_cost
+from flexdit_train.flops import cost_model
 from flexdit_train.models.arch import arch_of
 from flexdit_train.models.loading import from_pretrained
 from flexdit_train.sampling import generate, sample_labels, save_grid, to_uint8, weak_guidance_scale
@@ -45,7 +45,7 @@ def weak_patch_for(model: torch.nn.Module, budget_cfg, weak_patch_size=None) -> 
     for choice in (budget_cfg.get("weak_patch"), weak_patch_size):
         if choice is not None:
             return as_patch(choice)
-    return min(model.patch_sizes, key=model_cost(model))
+    return min(model.patch_sizes, key=cost_model(model))
 
 
 def schedule_for(
@@ -56,7 +56,7 @@ def schedule_for(
     flex = getattr(model, "flex_config", None) or {}
     # Unmerged LoRA adds its FLOPs to weak steps; merged adapters cost nothing extra.
     lora_rank = flex["lora_rank"] if flex.get("mode") == "lora" and not lora_merged else 0
-    cost = model_cost(model, lora_rank=lora_rank)
+    cost = cost_model(model, lora_rank=lora_rank)
     schedule = build_schedule(
         budget_cfg, num_steps, native, weak if weak != native else None, cost, cfg=cfg, available_patch_sizes=available
     )

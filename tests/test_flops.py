@@ -8,17 +8,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from flexdit_train.flops import (
-    DIT_TERMS,
-    cost_model,
-    forward_flops,
-    forward_macs,
-    forward_shape,
-    macs_breakdown,
-    main,
-    registry_config,
-    training_step_flops,
-)
+from flexdit_train.flops import DIT_TERMS, CostModel, cost_model, registry_config
+from flexdit_train.flops.__main__ import main
 from flexdit_train.models.dit import DiT
 
 # DiT paper (Peebles & Xie 2023) "Gflops" = GMACs per forward, latent = image / 8.
@@ -34,36 +25,38 @@ PAPER_GMACS = [
 
 @pytest.mark.parametrize("name,latent,paper", PAPER_GMACS)
 def test_matches_dit_paper_table(name, latent, paper):
-    assert forward_macs(name, latent) / 1e9 == pytest.approx(paper, rel=0.005)
+    cost = cost_model(name, latent)
+    assert cost(cost.native_patch) / 1e9 == pytest.approx(paper, rel=0.005)
 
 
 def test_flops_conventions():
-    macs = forward_macs("DiT-XL/2", 32)
-    assert forward_flops("DiT-XL/2", 32) == 2 * macs
-    assert training_step_flops("DiT-XL/2", 32, batch_size=256) == 3 * 256 * 2 * macs
+    cost = cost_model("DiT-XL/2", 32)
+    macs = cost(2)
+    assert cost.flops(2) == 2 * macs
+    assert cost.training_flops(2, batch_size=256) == 3 * 256 * 2 * macs
     # A config dict and a registry name describe the same network.
-    assert forward_macs(registry_config("DiT-XL/2", 32)) == macs
+    assert CostModel(registry_config("DiT-XL/2", 32), (32, 32), DIT_TERMS)(2) == macs
 
 
 def test_non_square_latent_and_patch_override():
-    shape = forward_shape("DiT-XL/2", (32, 64))
-    assert shape.tokens == 16 * 32
-    assert forward_shape("DiT-XL/2", (32, 64), patch_size=4).tokens == 8 * 16
+    cost = cost_model("DiT-XL/2", (32, 64))
+    assert cost.shape(2).tokens == 16 * 32
+    assert cost.shape(4).tokens == 8 * 16
     with pytest.raises(ValueError, match="patch size 3 does not divide"):
-        forward_macs("DiT-XL/2", (32, 64), patch_size=3)
+        cost(3)
 
 
 def test_lora_and_extra_terms():
     d, h, n, r, depth = 1152, 4608, 64, 32, 28
-    base = forward_macs("DiT-XL/2", 32, patch_size=4)
+    base = cost_model("DiT-XL/2", 32)(4)
     # qkv (d -> 3d), proj (d -> d), fc1 (d -> h), fc2 (h -> d): n*r*(d_in + d_out) each, every block.
     expected_lora = depth * n * r * ((d + 3 * d) + (d + d) + (d + h) + (h + d))
-    assert forward_macs("DiT-XL/2", 32, patch_size=4, lora_rank=r) - base == expected_lora
     cost = cost_model("DiT-XL/2", 32, lora_rank=r)
-    assert cost(2) == forward_macs("DiT-XL/2", 32)  # the native patch never carries adapters
+    assert cost(4) - base == expected_lora
+    assert cost(2) == cost_model("DiT-XL/2", 32)(2)  # the native patch never carries adapters
     assert cost(4) == base + expected_lora
     extra = {"cross_attention": lambda s: s.depth * s.tokens * s.width}
-    breakdown = macs_breakdown("DiT-XL/2", 32, extra_terms=extra)
+    breakdown = CostModel(registry_config("DiT-XL/2"), (32, 32), {**DIT_TERMS, **extra}).breakdown(2)
     assert set(breakdown) == set(DIT_TERMS) | {"cross_attention"}
     assert breakdown["cross_attention"] == depth * 256 * d
 
@@ -92,7 +85,8 @@ def test_matches_torch_flop_counter(kwargs, latent):
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(x, t, y)
     measured = {str(op).split(".")[-1]: n for op, n in counter.get_flop_counts()["Global"].items()}
-    analytic = macs_breakdown(model, latent)
+    cost = cost_model(model, latent)
+    analytic = cost.breakdown(model.native_patch_size)
 
     # FlopCounterMode counts 2 FLOPs per MAC of matmuls, convs and SDPA and nothing elementwise, which
     # is exactly DiT's convention (no bias adds, norms, GELU, softmax), so the residual is zero: the
@@ -107,7 +101,7 @@ def test_matches_torch_flop_counter(kwargs, latent):
     other = analytic["linear"] + analytic["adaln"] + analytic["unpatchify"]
     other += analytic["final_adaln"] + analytic["timestep_mlp"]
     assert linear == pytest.approx(2 * batch * other, rel=0.02)
-    assert counter.get_total_flops() == pytest.approx(batch * forward_flops(model, latent), rel=0.02)
+    assert counter.get_total_flops() == pytest.approx(batch * cost.flops(model.native_patch_size), rel=0.02)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

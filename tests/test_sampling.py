@@ -14,7 +14,7 @@ from omegaconf import open_dict
 import flexdit_train
 from flexdit_train.budget import from_powerful_steps, static
 from flexdit_train.diffusion import create_diffusion
-from flexdit_train.flops import forward_macs
+from flexdit_train.flops import cost_model
 from flexdit_train.models import DiT, export_safetensors
 from flexdit_train.models.flex import flexify
 from flexdit_train.sample import run_sampling
@@ -168,7 +168,8 @@ def test_sample_app_writes_grid_adm_npz_and_card(sample_cfg, tmp_path):
     assert card["nfe"] == {"cond": {"2": 13, "4": 12}, "guidance": {"2": 13, "4": 12}}
     assert card["weak_guidance_scale"] == pytest.approx(1.2)
     # merged LoRA costs nothing extra: fraction = (13 + 12 r) / 25 with r = cost(p4) / cost(p2)
-    r = forward_macs(tiny_flex().config, patch_size=4) / forward_macs(tiny_flex().config, patch_size=2)
+    cost = cost_model(tiny_flex())  # no LoRA term: merged adapters
+    r = cost(4) / cost(2)
     assert card["compute_fraction"] == pytest.approx((13 + 12 * r) / 25)
     assert card["compute_fraction"] == pytest.approx(result["card"]["compute_fraction"])
     for key in ("seed", "cfg_scale", "guidance", "sampling_steps", "schedule", "checkpoint"):

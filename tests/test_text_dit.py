@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from flexdit_train.budget import from_powerful_steps
 from flexdit_train.diffusion import create_diffusion
-from flexdit_train.flops_video import text_cost_model, text_forward_macs, text_macs_breakdown
+from flexdit_train.flops import cost_model
 from flexdit_train.models.flex import FlexTextDiT, flexify
 from flexdit_train.models.flex.lora import LoRALinear
 from flexdit_train.models.text_dit import TextDiT
@@ -177,22 +177,22 @@ def test_from_config_round_trip(mode):
 def test_flops_model_matches_torch_flop_counter(patch_size):
     base, flex = flex_pair("lora")
     x, t, emb, mask = inputs()
-    rank = 0 if patch_size == 2 else 4
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         flex(x, t, emb, mask, patch_size=patch_size)
     measured = {str(op).split(".")[-1]: n for op, n in counter.get_flop_counts()["Global"].items()}
-    terms = text_macs_breakdown(base, 8, patch_size, lora_rank=rank)
+    cost = cost_model(base, 8, lora_rank=4)  # no adapters on the native patch
+    terms = cost.breakdown(patch_size)
     n, d, length = (8 // patch_size) ** 2, 32, 6
     # SDPA: self-attention 2·N²·D and the cross-attention core 2·N·L·D per block
     sdpa = sum(v for op, v in measured.items() if "attention" in op)
     assert sdpa == pytest.approx(2 * 2 * (terms["attention"] + 2 * 2 * n * length * d), rel=0.02)
-    assert counter.get_total_flops() == pytest.approx(2 * 2 * text_forward_macs(base, 8, patch_size, rank), rel=0.02)
+    assert counter.get_total_flops() == pytest.approx(2 * 2 * cost(patch_size), rel=0.02)
     assert terms["adaln"] == 6 * d * d and terms["final_adaln"] == 0
 
 
 def test_text_cost_model_drives_budget_schedules():
     base = pretrained_text()
-    cost = text_cost_model(base, lora_rank=4)
+    cost = cost_model(base, lora_rank=4)
     schedule = from_powerful_steps(20, 2, 4, powerful_steps=5)
     r = cost(4) / cost(2)
     assert schedule.compute_fraction(cost) == pytest.approx((5 + 15 * r) / 20, rel=1e-12)

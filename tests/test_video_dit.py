@@ -10,13 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from flexdit_train.budget import BudgetSchedule
 from flexdit_train.diffusion import create_diffusion
-from flexdit_train.flops_video import (
-    compute_fraction,
-    video_cost_model,
-    video_forward_macs,
-    video_macs_breakdown,
-)
+from flexdit_train.flops import DIT_TERMS, CostModel, cost_model
 from flexdit_train.models.flex import FlexVideoDiT, flexify
 from flexdit_train.models.flex.resize import embed_projection, linear_resize_matrix, resize_matrix
 from flexdit_train.models.video_dit import VideoBlock, VideoDiT, create_video_model
@@ -211,15 +207,14 @@ def test_flops_model_matches_torch_flop_counter(attention):
     base, flex = flex_pair("lora", attention)
     x, t, y = inputs()
     for p in (NATIVE, TEMPORAL, SPATIAL):
-        rank = 0 if p == NATIVE else 4
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             flex(x, t, y, patch_size=p)
         measured = {str(op).split(".")[-1]: n for op, n in counter.get_flop_counts()["Global"].items()}
-        analytic = video_macs_breakdown(base, (4, 8, 8), p, lora_rank=rank)
+        analytic = cost_model(base, (4, 8, 8), lora_rank=4).breakdown(p)  # no adapters on the native patch
         sdpa = sum(n for op, n in measured.items() if "attention" in op)
         assert sdpa == pytest.approx(2 * 2 * analytic["attention"], rel=0.02)
         assert measured["convolution"] == pytest.approx(2 * 2 * analytic["patchify"], rel=0.02)
-        total = video_forward_macs(base, None, p, lora_rank=rank)
+        total = cost_model(base, None, lora_rank=4)(p)
         assert counter.get_total_flops() == pytest.approx(2 * 2 * total, rel=0.02)
 
 
@@ -235,23 +230,25 @@ def test_compute_fraction_of_a_video_schedule():
                 flex(x, t, y, patch_size=p)
             measured[p] = counter.get_total_flops()
     schedule = [SPATIAL] * 40 + [NATIVE] * 10
-    cost = video_cost_model(flex)
-    fraction = compute_fraction(cost, schedule)
+    cost = cost_model(flex)
+    fraction = BudgetSchedule(schedule, None, NATIVE).compute_fraction(cost)
     assert fraction == pytest.approx(sum(measured[p] for p in schedule) / (50 * measured[NATIVE]), rel=0.01)
     r = cost(SPATIAL) / cost(NATIVE)
     assert fraction == pytest.approx((10 + 40 * r) / 50, rel=1e-12)
-    assert compute_fraction(cost, schedule, [NATIVE] * 50) == pytest.approx((fraction + 1) / 2, rel=1e-12)
+    with_guidance = BudgetSchedule(schedule, [NATIVE] * 50, NATIVE).compute_fraction(cost)
+    assert with_guidance == pytest.approx((fraction + 1) / 2, rel=1e-12)
 
 
 def test_xl_full_attention_matches_the_perf_anchor():
     """perf-anchors §10: 16 frames x 256 px, (1, 2, 2), full 3-D attention XL: ~2.9 TMAC, attention ~37 %."""
     with torch.device("meta"):
         model = create_video_model("VDiT-XL/2", input_size=(16, 32, 32), attention="full")
-    terms = video_macs_breakdown(model)
+    terms = cost_model(model).breakdown(model.native_patch_size)
     total = sum(terms.values())
     assert total / 1e12 == pytest.approx(2.9, abs=0.05)
     assert terms["attention"] / total == pytest.approx(0.37, abs=0.01)
-    factorised = video_forward_macs(model, attention="factorised")
+    factorised_config = {**model.config, "attention": "factorised"}
+    factorised = CostModel(factorised_config, model.input_size, DIT_TERMS)(model.native_patch_size)
     assert factorised < 0.7 * total
 
 

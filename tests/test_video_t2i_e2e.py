@@ -23,7 +23,7 @@ from flexdit_train.data.media import TEXT_EMB_FIELD, TEXT_MASK_FIELD, encode_mp4
 from flexdit_train.data.stream import WorkerStats, read_shards
 from flexdit_train.data.text import TextEncoder, encode_text_shards
 from flexdit_train.diffusion import create_diffusion
-from flexdit_train.flops_video import text_cost_model, video_cost_model, video_forward_macs
+from flexdit_train.flops import cost_model
 from flexdit_train.models import TextDiT, VideoDiT, export_safetensors, flexify, from_pretrained
 from flexdit_train.sample import run_sampling
 from flexdit_train.sampling import ScheduledDenoiser
@@ -271,7 +271,7 @@ def test_text_guidance_uses_the_null_caption_or_the_weak_conditional_branch():
 # ----------------------------------------------------------------------------- video budgets
 def test_video_budget_presets_solve_with_the_video_flops_model():
     model = VideoDiT(input_size=(16, 32, 32), in_channels=4, hidden_size=64, depth=2, num_heads=2)
-    cost = video_cost_model(model)
+    cost = cost_model(model)
     available = [NATIVE, TEMPORAL, SPATIAL]
     for stem, weak in (("temporal_75", TEMPORAL), ("spatial_75", SPATIAL)):
         node = OmegaConf.load(Path(flexdit_train.CONF_DIR) / "budget" / "video" / f"{stem}.yaml")
@@ -317,7 +317,7 @@ def test_video_flex_trains_and_samples_mp4s_and_frame_grids(video_shards, root, 
         label = "x".join(map(str, weak))
         assert card["arch"] == "video_dit" and set(card["nfe"]["cond"]) == {"1x2x2", label}
         # merged LoRA: the fraction is the plain video FLOPs model's, from the card's NFEs
-        macs = {"1x2x2": video_forward_macs(model, patch_size=NATIVE), label: video_forward_macs(model, patch_size=weak)}
+        macs = {"1x2x2": cost_model(model)(NATIVE), label: cost_model(model)(weak)}
         total = sum(n * macs[p] for branch in card["nfe"].values() for p, n in branch.items())
         assert card["compute_fraction"] == pytest.approx(total / (2 * 4 * macs["1x2x2"]), rel=1e-12)
         assert card["compute_fraction"] >= 0.75 and card["schedule"]["name"] == f"video_{stem}"
@@ -352,7 +352,7 @@ def test_t2i_flex_distils_lora_and_samples_from_prompts(embedded, tiny_encoder, 
     card = sample_app([f"checkpoint={final}", "budget=target", "budget.compute_fraction=0.5",
                        f"prompts=[{CAPTIONS[0]!r},{CAPTIONS[1]!r}]", f"text_encoder={tiny_encoder}"], out)
     assert card["arch"] == "text_dit" and card["prompts"] == CAPTIONS[:2]
-    cost = text_cost_model(from_pretrained(final))
+    cost = cost_model(from_pretrained(final))
     n_weak = card["nfe"]["cond"]["4"]
     assert card["compute_fraction"] == pytest.approx((4 - n_weak + n_weak * cost(4) / cost(2)) / 4, rel=1e-12)
     with Image.open(out / "grid.png") as grid:

@@ -22,7 +22,7 @@ from torch.distributed.tensor import DTensor
 
 from flexdit_train.budget import patch_label
 from flexdit_train.diffusion import process_mismatch
-from flexdit_train.flops_video import model_cost
+from flexdit_train.flops import cost_model
 from flexdit_train.models.arch import arch_of
 from flexdit_train.training.ema import make_ema, update_ema
 
@@ -155,15 +155,15 @@ class DiffusionModule(L.LightningModule):
     def step_flops(self, x: torch.Tensor, patch_size: Any) -> float:
         """Analytic fwd+bwd hardware FLOPs of one step on this rank (3x forward, DiT's convention).
 
-        The arch's cost model (:func:`flexdit_train.flops_video.model_cost`) counts unmerged LoRA on weak
+        The arch's cost model (:func:`flexdit_train.flops.cost_model`) counts unmerged LoRA on weak
         patches only; hardware FLOPs are 2x MACs.
         """
         flex = getattr(self.model, "flex_config", None) or {}
         lora_rank = flex.get("lora_rank", 0) if flex.get("mode") == "lora" else 0
         latent = tuple(x.shape[2:])  # (H, W) or (F, H, W)
-        cost = model_cost(self.model, latent, lora_rank)
+        cost = cost_model(self.model, latent, lora_rank)
         patch = self.model.native_patch_size if patch_size is None else patch_size
-        return float(3 * 2 * x.shape[0] * cost(patch))
+        return float(cost.training_flops(patch, x.shape[0]))
 
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]

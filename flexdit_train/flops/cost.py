@@ -1,0 +1,112 @@
+"""Analytic cost model of a network: ``patch -> MACs`` of one forward for one sample, and its breakdown.
+
+A :class:`CostModel` is what budget schedules take as their cost (:mod:`flexdit_train.sampling.schedule`),
+what the trainer counts its FLOPs with and what ``python -m flexdit_train.flops`` reports. The arch registry
+(:mod:`flexdit_train.models.arch`) gives each family its terms (:mod:`.terms`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from flexdit_train.flops.terms import DIT_TERMS, ForwardShape, Term
+from flexdit_train.models.arch import arch_of
+from flexdit_train.models.dit import check_patch_divides, to_2tuple
+from flexdit_train.models.loading import preset_of
+
+
+def _patch(value: Any) -> int | tuple[int, ...]:
+    """An int (square 2-D patch) or a per-axis tuple, from any sequence (a video config's [1, 2, 2])."""
+    return tuple(int(v) for v in value) if isinstance(value, Sequence) else int(value)
+
+
+@dataclass(frozen=True, eq=False)
+class CostModel:
+    """MACs of one forward for one sample at a fixed latent shape, per patch size.
+
+    ``config`` is a model config (``model.config``), ``latent_shape`` (H, W) or (F, H, W), ``terms`` the
+    arch's MAC terms. ``lora_rank`` models unmerged LoRA adapters on every patch except the native one,
+    which has none (FlexiDiT's LoRA flavour); leave it 0 for shared weights or merged adapters.
+    """
+
+    config: Mapping[str, Any]
+    latent_shape: tuple[int, ...]
+    terms: Mapping[str, Term]
+    lora_rank: int = 0
+
+    @property
+    def native_patch(self) -> int | tuple[int, ...]:
+        return _patch(self.config["patch_size"])
+
+    def shape(self, patch: Any) -> ForwardShape:
+        """The sizes one forward at ``patch`` depends on; one-line error when the patch does not tile the latent."""
+        p = _patch(patch)
+        lora_rank = 0 if p == self.native_patch else self.lora_rank
+        if lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0 (0 = no or merged adapters), got {lora_rank}")
+        check_patch_divides(self.latent_shape, p)
+        dims = (p, p) if isinstance(p, int) else p
+        grid = [size // d for size, d in zip(self.latent_shape, dims, strict=True)]
+        width, in_channels = self.config["hidden_size"], self.config["in_channels"]
+        return ForwardShape(
+            depth=self.config["depth"],
+            width=width,
+            mlp_hidden=int(width * self.config["mlp_ratio"]),  # as the blocks build their Mlp
+            tokens=math.prod(grid),
+            patch_volume=math.prod(dims),
+            in_channels=in_channels,
+            out_channels=2 * in_channels if self.config["learn_sigma"] else in_channels,
+            lora_rank=lora_rank,
+            frames=grid[0] if len(grid) == 3 else 1,
+            attention=self.config.get("attention", "full"),
+            text_len=self.config.get("text_len", 0),
+            caption_channels=self.config.get("caption_channels", 0),
+        )
+
+    def breakdown(self, patch: Any) -> dict[str, int]:
+        """MACs of one forward at ``patch``, per term."""
+        shape = self.shape(patch)
+        return {name: term(shape) for name, term in self.terms.items()}
+
+    def __call__(self, patch: Any) -> int:
+        """MACs of one forward at ``patch`` (DiT's "Gflops" x 1e9)."""
+        return sum(self.breakdown(patch).values())
+
+    def flops(self, patch: Any) -> int:
+        """Hardware FLOPs (multiplies and adds counted separately) of one forward at ``patch``."""
+        return 2 * self(patch)
+
+    def training_flops(self, patch: Any, batch_size: int = 1) -> int:
+        """Hardware FLOPs of one training step: forward + backward ~ 3 forwards per sample (DiT's convention)."""
+        return 3 * batch_size * self.flops(patch)
+
+
+def registry_config(name: str, input_size: int | Sequence[int] = 32) -> dict[str, Any]:
+    """Config of a registered DiT (e.g. "DiT-XL/2") with the registry factories' defaults (4 latent channels,
+    learned sigma, MLP ratio 4), built from the name instead of instantiating the model (~1 s even on meta)."""
+    return dict(
+        input_size=list(to_2tuple(input_size)),
+        in_channels=4,
+        mlp_ratio=4.0,
+        learn_sigma=True,
+        **preset_of(name),
+    )
+
+
+def cost_model(
+    model: nn.Module | str, latent_shape: int | Sequence[int] | None = None, lora_rank: int = 0
+) -> CostModel:
+    """The cost model of a network of any registered arch, or of a DiT registry name, at ``latent_shape``
+    ((H, W) or (F, H, W); default the model's input size); ``lora_rank`` counts unmerged adapters."""
+    if isinstance(model, str):
+        config, terms = registry_config(model), DIT_TERMS
+    else:
+        config, terms = dict(model.config), arch_of(model).cost_terms
+    latent = config["input_size"] if latent_shape is None else latent_shape
+    latent = to_2tuple(latent) if isinstance(latent, int) else tuple(int(s) for s in latent)
+    return CostModel(config, latent, terms, lora_rank)
