@@ -17,11 +17,11 @@ import time
 
 import torch
 
-from flexdit_train.budget import for_target, static
 from flexdit_train.diffusion import create_diffusion
 from flexdit_train.flops import cost_model
 from flexdit_train.models import DiT_models, flexify
 from flexdit_train.sampling import generate
+from flexdit_train.sampling.schedule import for_target, static
 
 
 def build_model(device: torch.device) -> torch.nn.Module:

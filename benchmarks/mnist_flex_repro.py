@@ -98,8 +98,8 @@ def data_floor(args: argparse.Namespace, cache_dir: Path) -> dict:
     import numpy as np
     import torch
 
+    from flexdit_train.evaluation.features import extract_features, resolve_extractor
     from flexdit_train.evaluation.frechet import feature_statistics, frechet_distance
-    from flexdit_train.evaluation.metrics import extract_features, resolve_extractor
     from flexdit_train.evaluation.mnist_classifier import split_images
     from flexdit_train.evaluation.reference import load_reference
 

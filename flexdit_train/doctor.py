@@ -297,7 +297,7 @@ def inception_consumers(cfg: DictConfig) -> list[tuple[str, str | None]]:
     """(config key, configured weights path) of everything that scores with Inception features: an ``eval``
     node (the evaluate app's schema: ``metrics``, ``feature_extractor``, ``inception_weights``) and callbacks
     whose ``_target_`` names FID."""
-    from flexdit_train.evaluation.metrics import INCEPTION
+    from flexdit_train.evaluation.features import INCEPTION
 
     nodes = {"eval": cfg.get("eval")}
     nodes.update({f"callbacks.{name}": node for name, node in (cfg.get("callbacks") or {}).items()
@@ -311,7 +311,7 @@ def inception_consumers(cfg: DictConfig) -> list[tuple[str, str | None]]:
 
 def check_inception(cfg: DictConfig) -> list[Finding]:
     """Inception weights must be on disk when FID runs: compute nodes usually cannot download them."""
-    from flexdit_train.evaluation.metrics import resolve_inception_weights
+    from flexdit_train.evaluation.features import resolve_inception_weights
 
     findings = []
     for key, configured in inception_consumers(cfg):

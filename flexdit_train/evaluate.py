@@ -27,17 +27,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from flexdit_train import CONF_DIR
 from flexdit_train.evaluation.card import write_card
-from flexdit_train.evaluation.metrics import (
-    check_metrics,
-    compute_metrics,
-    extract_features,
-    resolve_extractor,
-)
+from flexdit_train.evaluation.features import Extractor, extract_features, resolve_extractor
+from flexdit_train.evaluation.metrics import check_metrics, compute_metrics
 from flexdit_train.evaluation.reference import load_reference, reference_kind
 from flexdit_train.evaluation.report import log_to_wandb, read_table, record_result, table_row
 from flexdit_train.models.arch import arch_of
-from flexdit_train.sample import prepare_sampler, resolve_device, sample_images, write_outputs
-from flexdit_train.sampling import sample_labels, save_grid
+from flexdit_train.sampling.outputs import sampling_card, save_uint8_grid, write_outputs
+from flexdit_train.sampling.pipeline import Sampler, resolve_device
+from flexdit_train.sampling.seeds import sample_labels, seed_protocol
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +76,81 @@ def results_dir(cfg: DictConfig) -> Path:
     return Path(hydra_cfg.sweep.dir if hydra_cfg.mode == RunMode.MULTIRUN else hydra_cfg.runtime.output_dir)
 
 
+def sample_step(cfg: DictConfig, device: torch.device, rank: int, world: int) -> tuple[Sampler, torch.Tensor | None, dict]:
+    """Sample this rank's share of ``eval.num_samples`` under the budget; rank 0 gets every image in index
+    order (uint8 (N, H, W, C)) and the sampling card, the other ranks None and the card."""
+    ev = cfg.eval
+    num_samples = int(ev.num_samples)
+    sampler = Sampler.from_checkpoint(
+        cfg.checkpoint, budget=cfg.budget, steps=ev.sampling_steps, cfg=ev.cfg_scale, device=device,
+        use_ema=cfg.use_ema, merge_lora=cfg.merge_lora, vae=ev.vae, latent_scale_factor=ev.latent_scale_factor,
+        weak_patch_size=cfg.weak_patch_size, weak_guidance=ev.weak_guidance_scale, guidance=ev.guidance,
+        guide_all_channels=ev.guide_all_channels, clip_denoised=ev.clip_denoised,
+    )
+    model = sampler.model
+    if arch_of(model).conditioning != "class" or len(model.input_size) != 2:
+        # FID/IS need class-conditional images; video and text metrics are not built
+        raise ValueError(
+            f"evaluate scores class-conditional image DiTs, {cfg.checkpoint} is a {arch_of(model).name}: "
+            "sample it with python -m flexdit_train.sample"
+        )
+    indices = rank_indices(num_samples, rank, world)
+    start = time.time()
+    local = sampler.sample_images(sample_labels(cfg.seed, indices, model.num_classes), cfg.seed, indices,
+                                  int(cfg.batch_size), cfg.progress)  # uint8 (n_rank, H, W, C)
+    images = gather_samples(local, num_samples, rank, world)
+    card = sampling_card(
+        sampler, checkpoint=cfg.checkpoint, use_ema=cfg.use_ema, seed=cfg.seed, num_samples=num_samples,
+        sampling_steps=ev.sampling_steps, vae=ev.vae, latent_scale_factor=ev.latent_scale_factor,
+        seconds=time.time() - start, device=device,
+    )
+    card.update({
+        "preset": ev.name,
+        "seeds": seed_protocol(num_samples),
+        "precision": {"dtype": "float32", "tf32": bool(cfg.allow_tf32) and device.type == "cuda",
+                      "quantization": "clamp(127.5 x + 128, 0, 255) -> uint8"},
+        "world_size": world,
+    })
+    return sampler, images, card
+
+
+def score_step(cfg: DictConfig, images: torch.Tensor, labels: torch.Tensor, extractor: Extractor,
+               metrics: list[str], device: torch.device) -> dict:
+    """Features of the samples against the reference: the card entries of the metric backend, the
+    reference, the metric values and the metrics skipped (with why)."""
+    reference = load_reference(
+        cfg.eval.reference, extractor, cache_dir=cfg.cache_dir, image_size=images.shape[1], channels=images.shape[3],
+        device=device, batch_size=int(cfg.fidelity.batch_size), max_features=int(cfg.reference_subset),
+        seed=int(cfg.fidelity.rng_seed),
+    )
+    features = extract_features(extractor, images, device, int(cfg.fidelity.batch_size))
+    fidelity = OmegaConf.to_container(cfg.fidelity, resolve=True)
+    values, skipped, used = compute_metrics(
+        features, reference, metrics, extractor, labels=labels, fidelity=fidelity, device=device
+    )
+    import torch_fidelity
+
+    return {
+        "metric_backend": {"name": "torch-fidelity", "version": torch_fidelity.__version__,
+                           "frechet": "flexdit_train.evaluation.frechet_distance (float64, eigh with clamping)",
+                           "extractor": extractor.card(), "fidelity": {**fidelity, **used}, "torch": torch.__version__},
+        "reference": reference.card(),
+        "metrics": values,
+        "skipped": skipped,
+    }
+
+
+def record_step(cfg: DictConfig, card: dict, grid: Path) -> dict[str, Path]:
+    """eval.json, the row in the results table (and its plot) and the W&B mirror; returns their paths."""
+    card_path = write_card(Path(cfg.out_dir) / "eval.json", card)
+    table_dir = results_dir(cfg)
+    table = record_result(table_dir, table_row(card, card_path))
+    run_name = f"{Path(str(cfg.checkpoint)).stem} {card['budget']} {card['preset']}"
+    log_to_wandb(cfg.wandb, card, run_name, table_dir.name, {"samples": grid, "fid_vs_compute": table["plot"]},
+                 read_table(table["csv"]))
+    return {"card": card_path, **table}
+
+
 def run_evaluation(cfg: DictConfig) -> dict[str, Any] | None:
     """Sample, score and record one (checkpoint, budget, preset); returns the card and paths on rank 0."""
     ev = cfg.eval
@@ -99,102 +171,21 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any] | None:
         extractor = resolve_extractor(ev.feature_extractor, ev.inception_weights, cfg.cache_dir)
         reference_kind(ev.reference)
 
-    sampler = prepare_sampler(
-        cfg.checkpoint, budget=cfg.budget, sampling_steps=ev.sampling_steps, cfg_scale=ev.cfg_scale, device=device,
-        use_ema=cfg.use_ema, weak_patch_size=cfg.weak_patch_size, merge_lora=cfg.merge_lora,
-        weak_guidance=ev.weak_guidance_scale, vae=ev.vae, latent_scale_factor=ev.latent_scale_factor,
-    )
-    model, diffusion, schedule, cost = sampler.model, sampler.diffusion, sampler.schedule, sampler.cost
-    cfg_scale, weak_scale, decode = sampler.cfg_scale, sampler.weak_scale, sampler.decode
-    if arch_of(model).name != "dit":  # FID/IS need class-conditional images; video/text metrics are not built
-        raise ValueError(
-            f"evaluate scores class-conditional image DiTs, {cfg.checkpoint} is a {arch_of(model).name}: "
-            "sample it with python -m flexdit_train.sample"
-        )
-
-    indices = rank_indices(num_samples, rank, world)
-    start = time.time()
-    local = sample_images(
-        model, diffusion, schedule, sample_labels(cfg.seed, indices, model.num_classes), cfg.seed, indices,
-        batch_size=int(cfg.batch_size), cfg_scale=cfg_scale, guidance=ev.guidance, weak_scale=weak_scale,
-        guide_all_channels=ev.guide_all_channels, decode=decode, clip_denoised=ev.clip_denoised,
-        progress=cfg.progress,
-    )  # uint8 (n_rank, H, W, C)
-    images = gather_samples(local, num_samples, rank, world)
-    sampling_seconds = time.time() - start
+    sampler, images, card = sample_step(cfg, device, rank, world)
     if rank != 0:
         return None
-
-    labels = sample_labels(cfg.seed, range(num_samples), model.num_classes)
+    labels = sample_labels(cfg.seed, range(num_samples), sampler.model.num_classes)
     out_dir = Path(cfg.out_dir)
-    card = {
-        "checkpoint": str(cfg.checkpoint),
-        "use_ema": bool(cfg.use_ema),
-        "model_config": dict(model.config),
-        "flex_config": getattr(model, "flex_config", None),
-        "preset": ev.name,
-        "budget": schedule.name,
-        "sampling_steps": str(ev.sampling_steps),
-        "num_steps": len(diffusion.timestep_map),
-        "sampler": diffusion.default_sample_method,
-        "diffusion_process": diffusion.process,
-        "cfg_scale": cfg_scale,
-        "guidance": ev.guidance if schedule.cfg else "none",
-        "weak_guidance_scale": float(weak_scale),
-        "guide_all_channels": arch_of(model).guide_all_channels(ev.guide_all_channels),
-        "vae": ev.vae,
-        "latent_scale_factor": float(ev.latent_scale_factor),
-        "schedule": schedule.to_dict(),
-        "schedule_summary": schedule.describe(),
-        "schedule_order": schedule.order,
-        "compute_fraction": schedule.compute_fraction(cost),
-        "gmacs_per_image": schedule.macs(cost) / 1e9,
-        "nfe": {branch: {str(p): n for p, n in counts.items()} for branch, counts in schedule.nfe().items()},
-        "num_samples": num_samples,
-        "seed": int(cfg.seed),
-        "seeds": {"noise": "sample i: SeedSequence([seed, i])", "labels": "uniform, sample i: (seed + 7919, i)",
-                  "indices": f"0..{num_samples - 1}"},
-        "precision": {"dtype": "float32", "tf32": bool(cfg.allow_tf32) and device.type == "cuda",
-                      "quantization": "clamp(127.5 x + 128, 0, 255) -> uint8"},
-        "device": str(device),
-        "world_size": world,
-        "sampling_seconds": round(sampling_seconds, 2),
-    }
     if ev.save_npz:
-        paths = write_outputs(out_dir, images, labels, card, int(cfg.grid_size))  # ADM npz + sampling card
-        grid = paths["grid"]
+        grid = write_outputs(out_dir, images, labels, card, int(cfg.grid_size))["grid"]  # ADM npz + sampling card
     else:
-        grid = save_grid(images[: int(cfg.grid_size)].permute(0, 3, 1, 2).float() / 127.5 - 1.0, out_dir / "grid.png")
-
-    reference = load_reference(
-        ev.reference, extractor, cache_dir=cfg.cache_dir, image_size=images.shape[1], channels=images.shape[3],
-        device=device, batch_size=int(cfg.fidelity.batch_size), max_features=int(cfg.reference_subset),
-        seed=int(cfg.fidelity.rng_seed),
-    )
-    features = extract_features(extractor, images, device, int(cfg.fidelity.batch_size))
-    fidelity = OmegaConf.to_container(cfg.fidelity, resolve=True)
-    values, skipped, used = compute_metrics(
-        features, reference, metrics, extractor, labels=labels, fidelity=fidelity, device=device
-    )
-    import torch_fidelity
-
-    card.update({
-        "metric_backend": {"name": "torch-fidelity", "version": torch_fidelity.__version__,
-                           "frechet": "flexdit_train.evaluation.frechet_distance (float64, eigh with clamping)",
-                           "extractor": extractor.card(), "fidelity": {**fidelity, **used}, "torch": torch.__version__},
-        "reference": reference.card(),
-        "metrics": values,
-        "skipped": skipped,
-    })
-    card_path = write_card(out_dir / "eval.json", card)
-    table_dir = results_dir(cfg)
-    table = record_result(table_dir, table_row(card, card_path))
-    run_name = f"{Path(str(cfg.checkpoint)).stem} {schedule.name} {ev.name}"
-    log_to_wandb(cfg.wandb, card, run_name, table_dir.name, {"samples": grid, "fid_vs_compute": table["plot"]},
-                 read_table(table["csv"]))
-    summary = ", ".join(f"{k} {v:.4g}" for k, v in values.items())
-    print(f"{ev.name} / {schedule.name} ({card['compute_fraction']:.1%} compute): {summary}; table {table['markdown']}")
-    return {"card": card, "paths": {"card": str(card_path), "grid": str(grid), **{k: str(v) for k, v in table.items()}}}
+        grid = save_uint8_grid(images[: int(cfg.grid_size)], out_dir / "grid.png")
+    card.update(score_step(cfg, images, labels, extractor, metrics, device))
+    paths = record_step(cfg, card, grid)
+    summary = ", ".join(f"{k} {v:.4g}" for k, v in card["metrics"].items())
+    print(f"{ev.name} / {card['budget']} ({card['compute_fraction']:.1%} compute): {summary}; "
+          f"table {paths['markdown']}")
+    return {"card": card, "paths": {"grid": str(grid), **{k: str(v) for k, v in paths.items()}}}
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")

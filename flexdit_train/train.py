@@ -18,10 +18,10 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from flexdit_train import CONF_DIR
-from flexdit_train.budget import as_patch
 from flexdit_train.diffusion import process_mismatch
 from flexdit_train.runtime.loggers import finish_wandb
 from flexdit_train.runtime.runs import resolve_ckpt_path
+from flexdit_train.sampling.schedule import as_patch
 from flexdit_train.training.console import silence_expected_warnings
 
 log = logging.getLogger(__name__)

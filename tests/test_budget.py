@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from flexdit_train.budget import (
+from flexdit_train.flops import cost_model
+from flexdit_train.sampling.schedule import (
     BudgetSchedule,
     build_schedule,
     for_target,
@@ -14,7 +15,6 @@ from flexdit_train.budget import (
     static,
     weak_last,
 )
-from flexdit_train.flops import cost_model
 
 BUDGET_DIR = Path(__file__).resolve().parents[1] / "conf" / "budget"
 XL_COST = cost_model("DiT-XL/2", 32)  # DiT-XL/2 at 256 px: weak p4 costs r ~ 0.245 of native p2

@@ -1,4 +1,4 @@
-"""Gaussian diffusion: schedules, respacing, posterior maths, hybrid loss, samplers and the CFG helper."""
+"""Gaussian diffusion: schedules, respacing, posterior maths, hybrid loss and samplers."""
 
 from __future__ import annotations
 
@@ -7,37 +7,21 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers.models import perturbed_dit
 
 from flexdit_train.diffusion import (
     DIT_PROCESS,
     GaussianDiffusion,
     LossType,
     ModelVarType,
-    cfg_model_fn,
     create_diffusion,
     get_named_beta_schedule,
     process_differences,
     sampling_diffusion,
     space_timesteps,
 )
-from flexdit_train.models.dit import DiT
 
 T = 1000
-
-
-def tiny_dit(seed: int = 0, perturb: bool = True) -> DiT:
-    """A 2-block, width-64 DiT on 4x8x8 latents; ``perturb`` breaks the zero init so outputs are non-trivial."""
-    torch.manual_seed(seed)
-    model = DiT(
-        input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10
-    )
-    if perturb:
-        gen = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    return model.eval()
 
 
 def gaussian_data_oracle(diffusion_steps: int, mu: float, std: float, learned_sigma: bool, v: float = 0.0):
@@ -316,7 +300,7 @@ def test_loss_variants_weight_the_bound():
 
 def test_cond_is_passed_and_wrong_channel_count_is_rejected():
     diffusion = create_diffusion("")
-    model = tiny_dit()
+    model = perturbed_dit()
     x0 = torch.randn(2, 4, 8, 8)
     terms = diffusion.training_losses(model, x0, torch.tensor([5, 50]), cond={"y": torch.tensor([1, 2])})
     assert terms["loss"].shape == (2,)
@@ -329,7 +313,7 @@ def test_cond_is_passed_and_wrong_channel_count_is_rejected():
 def test_tiny_dit_training_halves_the_loss():
     """ACCEPTANCE: AdamW on 8 fixed latents with the hybrid loss more than halves the training loss."""
     diffusion = create_diffusion("")
-    model = tiny_dit(perturb=False).train()
+    model = perturbed_dit(perturb=False).train()
     data_gen = torch.Generator().manual_seed(0)
     x0 = torch.randn(8, 4, 8, 8, generator=data_gen)
     y = torch.arange(8) % 10
@@ -383,7 +367,7 @@ def test_samplers_recover_gaussian_data(spec, method, std_tol):
 
 def test_tiny_dit_ddpm250_and_ddim50_samples():
     """ACCEPTANCE: finite, correctly shaped samples from a tiny DiT with both default samplers."""
-    model = tiny_dit()
+    model = perturbed_dit()
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     cond = {"y": torch.tensor([3, 7])}
     ddpm = create_diffusion("250").sample(model, noise, cond, generator=torch.Generator().manual_seed(1))
@@ -394,7 +378,7 @@ def test_tiny_dit_ddpm250_and_ddim50_samples():
 
 
 def test_ddim_eta0_is_deterministic_given_noise():
-    model = tiny_dit()
+    model = perturbed_dit()
     diffusion = create_diffusion("ddim50")
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     cond = {"y": torch.tensor([3, 7])}
@@ -409,7 +393,7 @@ def test_ddim_eta0_is_deterministic_given_noise():
 
 @pytest.mark.parametrize(("spec", "method", "eta"), [("250", "ddpm", 0.0), ("ddim25", "ddim", 1.0)])
 def test_per_sample_generators_make_samples_batch_independent(spec, method, eta):
-    model = tiny_dit()
+    model = perturbed_dit()
     diffusion = create_diffusion(spec)
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     y = torch.tensor([3, 7])
@@ -470,39 +454,6 @@ def test_video_sampling_recovers_data(spec, learn_sigma):
     assert out.shape == noise.shape
     assert out.mean().item() == pytest.approx(-0.3, abs=0.02)
     assert out.std().item() == pytest.approx(0.2, abs=0.02)
-
-
-############################################################################
-#                          Classifier-free guidance                        #
-############################################################################
-
-
-def test_cfg_model_fn_scale_one_is_conditional():
-    model = tiny_dit()
-    x = torch.randn(3, 4, 8, 8)
-    t = torch.tensor([10, 500, 999])
-    y = torch.tensor([1, 2, 3])
-    with torch.no_grad():
-        guided = cfg_model_fn(model, cfg_scale=1.0)(x, t, y)
-        cond = model(x, t, y)
-    assert guided.shape == (3, 8, 8, 8)
-    torch.testing.assert_close(guided, cond, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("guide_all_channels", [False, True])
-def test_cfg_model_fn_combines_branches(guide_all_channels):
-    model = tiny_dit()
-    x = torch.randn(2, 4, 8, 8)
-    t = torch.tensor([100, 700])
-    y = torch.tensor([4, 5])
-    with torch.no_grad():
-        guided = cfg_model_fn(model, 4.0, guide_all_channels=guide_all_channels)(x, t, y)
-        cond = model(x, t, y)
-        uncond = model(x, t, torch.full_like(y, model.null_class))
-    n_guided = 4 if guide_all_channels else 3
-    expected = uncond[:, :n_guided] + 4.0 * (cond[:, :n_guided] - uncond[:, :n_guided])
-    torch.testing.assert_close(guided[:, :n_guided], expected, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(guided[:, n_guided:], cond[:, n_guided:], rtol=1e-5, atol=1e-5)
 
 
 ############################################################################

@@ -12,7 +12,7 @@ import torch
 import webdataset as wds
 
 from flexdit_train.doctor import main
-from flexdit_train.evaluation.metrics import INCEPTION_WEIGHTS_FILE
+from flexdit_train.evaluation.features import INCEPTION_WEIGHTS_FILE
 from flexdit_train.models import DiT, export_safetensors
 
 # Keep the host's SLURM job or W&B login (if any) out of the findings under test.

@@ -16,7 +16,6 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 import flexdit_train
-from flexdit_train.budget import BudgetSchedule
 from flexdit_train.evaluation import (
     CARD_KEYS,
     INCEPTION,
@@ -44,6 +43,7 @@ from flexdit_train.evaluation.mnist_classifier import (
     split_images,
 )
 from flexdit_train.evaluation.report import log_to_wandb, read_table
+from flexdit_train.sampling.schedule import BudgetSchedule
 
 CONF_DIR = str(Path(flexdit_train.__file__).parent / "conf")
 CPU = torch.device("cpu")
@@ -369,12 +369,12 @@ def tiny_pixel_dit(flex: bool = True, seed: int = 0) -> torch.nn.Module:
 def test_fid_proxy_logs_on_every_step_and_matches_an_offline_computation(random_classifier_cache, tmp_path):
     import lightning as L
 
-    from flexdit_train.budget import static
     from flexdit_train.diffusion import create_diffusion
     from flexdit_train.evaluation.callback import FidProxy
     from flexdit_train.evaluation.mnist_classifier import MnistFeatures
-    from flexdit_train.sample import sample_images
-    from flexdit_train.sampling import sample_labels
+    from flexdit_train.flops import cost_model
+    from flexdit_train.sampling import Sampler, sample_labels, weak_guidance_scale
+    from flexdit_train.sampling.schedule import static
     from flexdit_train.training.ema import make_ema
 
     class Tiny(L.LightningModule):
@@ -404,9 +404,9 @@ def test_fid_proxy_logs_on_every_step_and_matches_an_offline_computation(random_
     net = MnistFeatures(classifier_path(random_classifier_cache))
     diffusion = create_diffusion("ddim2", learn_sigma=True)
     indices = list(range(12))
-    fake = sample_images(module.ema, diffusion, static(2, 4), sample_labels(3, indices, 10), 3, indices,
-                         batch_size=12, cfg_scale=1.5, guidance="weak_conditional", weak_scale=None,
-                         guide_all_channels=False)  # uint8 (12, 32, 32, 1)
+    sampler = Sampler(module.ema, diffusion, static(2, 4), cost_model(module.ema), cfg_scale=1.5,
+                      weak_scale=weak_guidance_scale(1.5), guide_all_channels=False)
+    fake = sampler.sample_images(sample_labels(3, indices, 10), 3, indices, batch_size=12)  # uint8 (12, 32, 32, 1)
     real = torch.from_numpy(split_images("val")[0][:100])
     with torch.no_grad():
         offline = frechet_distance(*feature_statistics(net(fake.permute(0, 3, 1, 2)).double()),

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.models import perturbed_dit
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 import flexdit_train
-from flexdit_train.budget import from_powerful_steps, static
 from flexdit_train.diffusion import create_diffusion
 from flexdit_train.flops import cost_model
 from flexdit_train.models import DiT, export_safetensors
@@ -25,6 +25,7 @@ from flexdit_train.sampling import (
     sample_noise,
     weak_guidance_scale,
 )
+from flexdit_train.sampling.schedule import from_powerful_steps, static
 
 CONF_DIR = str(Path(flexdit_train.__file__).parent / "conf")
 
@@ -85,6 +86,41 @@ def test_scheduled_denoiser_applies_each_guidance_rule_per_step():
                 expected = guide[:, :4] + scale * (cond[:, :4] - guide[:, :4])
                 assert torch.allclose(out[:, :4], expected, atol=1e-5), (guidance, k)
                 assert torch.allclose(out[:, 4:], cond[:, 4:], atol=1e-6)  # variance from the cond branch
+
+
+def static_guidance(model: torch.nn.Module, cfg_scale: float, guide_all_channels: bool | None = None):
+    """The samplers' guidance at the native patch on every step of DiT's whole 1000-step chain."""
+    patches = [model.native_patch_size] * 1000
+    return ScheduledDenoiser(model, list(range(1000)), patches, patches, cfg_scale,
+                             guide_all_channels=guide_all_channels)
+
+
+def test_guidance_at_scale_one_is_the_conditional_prediction():
+    model = perturbed_dit()
+    x = torch.randn(3, 4, 8, 8)
+    t = torch.tensor([10, 500, 999])
+    y = torch.tensor([1, 2, 3])
+    with torch.no_grad():
+        guided = static_guidance(model, cfg_scale=1.0)(x, t, y)
+        cond = model(x, t, y)
+    assert guided.shape == (3, 8, 8, 8)
+    torch.testing.assert_close(guided, cond, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("guide_all_channels", [False, True])
+def test_guidance_combines_the_conditional_and_null_branches(guide_all_channels):
+    model = perturbed_dit()
+    x = torch.randn(2, 4, 8, 8)
+    t = torch.tensor([100, 700])
+    y = torch.tensor([4, 5])
+    with torch.no_grad():
+        guided = static_guidance(model, 4.0, guide_all_channels=guide_all_channels)(x, t, y)
+        cond = model(x, t, y)
+        uncond = model(x, t, torch.full_like(y, model.null_class))
+    n_guided = 4 if guide_all_channels else 3
+    expected = uncond[:, :n_guided] + 4.0 * (cond[:, :n_guided] - uncond[:, :n_guided])
+    torch.testing.assert_close(guided[:, :n_guided], expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(guided[:, n_guided:], cond[:, n_guided:], rtol=1e-5, atol=1e-5)
 
 
 def test_static_schedule_reproduces_dit_three_channel_cfg():

@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from flexdit_train.budget import from_powerful_steps
 from flexdit_train.diffusion import create_diffusion
 from flexdit_train.flops import cost_model
 from flexdit_train.models.flex import FlexTextDiT, flexify
 from flexdit_train.models.flex.lora import LoRALinear
 from flexdit_train.models.text_dit import TextDiT
+from flexdit_train.sampling.schedule import from_powerful_steps
 
 CONFIG = dict(input_size=8, in_channels=4, hidden_size=32, depth=2, num_heads=4, caption_channels=24, text_len=6)
 

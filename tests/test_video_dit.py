@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from flexdit_train.budget import BudgetSchedule
 from flexdit_train.diffusion import create_diffusion
 from flexdit_train.flops import DIT_TERMS, CostModel, cost_model
 from flexdit_train.models.flex import FlexVideoDiT, flexify
 from flexdit_train.models.flex.resize import embed_projection, linear_resize_matrix, resize_matrix
 from flexdit_train.models.video_dit import VideoBlock, VideoDiT, create_video_model
+from flexdit_train.sampling.schedule import BudgetSchedule
 
 CONFIG = dict(input_size=(4, 8, 8), in_channels=4, hidden_size=32, depth=2, num_heads=4, num_classes=10)
 NATIVE, TEMPORAL, SPATIAL = (1, 2, 2), (2, 2, 2), (1, 4, 4)

@@ -17,7 +17,6 @@ from PIL import Image
 from test_train import compose_train
 
 import flexdit_train
-from flexdit_train.budget import BudgetSchedule, build_schedule
 from flexdit_train.data.captions import CaptionEmbeddingsWdsDataModule
 from flexdit_train.data.media import TEXT_EMB_FIELD, TEXT_MASK_FIELD, encode_mp4, read_frames, video_info
 from flexdit_train.data.stream import WorkerStats, read_shards
@@ -27,6 +26,7 @@ from flexdit_train.flops import cost_model
 from flexdit_train.models import TextDiT, VideoDiT, export_safetensors, flexify, from_pretrained
 from flexdit_train.sample import run_sampling
 from flexdit_train.sampling import ScheduledDenoiser
+from flexdit_train.sampling.schedule import BudgetSchedule, build_schedule
 from flexdit_train.shards import main as shards_main
 from flexdit_train.train import build_module, run
 from flexdit_train.training.flex_objectives import DistillModule

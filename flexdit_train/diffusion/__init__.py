@@ -16,7 +16,6 @@ from flexdit_train.diffusion.gaussian_diffusion import (
     ModelMeanType,
     ModelVarType,
 )
-from flexdit_train.diffusion.guidance import cfg_model_fn
 from flexdit_train.diffusion.respace import SpacedDiffusion
 from flexdit_train.diffusion.schedules import BETA_SCHEDULES, get_named_beta_schedule, space_timesteps
 
@@ -118,7 +117,6 @@ __all__ = [
     "ModelVarType",
     "PREDICTIONS",
     "SpacedDiffusion",
-    "cfg_model_fn",
     "DIT_PROCESS",
     "create_diffusion",
     "process_differences",

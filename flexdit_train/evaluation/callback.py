@@ -8,13 +8,11 @@ import lightning as L
 import torch
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from flexdit_train.budget import static
-from flexdit_train.diffusion import sampling_diffusion
-from flexdit_train.evaluation.metrics import INCEPTION, extractor_input, resolve_inception_weights
+from flexdit_train.evaluation.features import INCEPTION, extractor_input, resolve_inception_weights
 from flexdit_train.evaluation.mnist_classifier import MnistFeatures, ensure_classifier
 from flexdit_train.evaluation.reference import iter_images, reference_kind
-from flexdit_train.sample import latent_decoder, sample_images
-from flexdit_train.sampling import sample_labels
+from flexdit_train.sampling.pipeline import Sampler, latent_decoder
+from flexdit_train.sampling.seeds import sample_labels
 
 
 class FidProxy(L.Callback):
@@ -109,16 +107,13 @@ class FidProxy(L.Callback):
         """Sample this rank's share from ``pl_module.ema`` and return the all-rank FID (call on every rank)."""
         model = pl_module.ema
         device = next(model.parameters()).device
-        diffusion = sampling_diffusion(getattr(model, "diffusion_process", None), self.sampling_steps, model.learn_sigma)
-        schedule = static(len(diffusion.timestep_map), model.native_patch_size, cfg=self.cfg_scale != 1.0)
         if self.vae is not None and self._decode is None:
             self._decode = latent_decoder(self.vae, self.latent_scale_factor, device)
+        sampler = Sampler.for_model(model, {"mode": "static"}, self.sampling_steps, self.cfg_scale, self._decode,
+                                    guide_all_channels=self.guide_all_channels)
         indices = list(range(rank, self.num_samples, world))
-        images = sample_images(
-            model, diffusion, schedule, sample_labels(self.seed, indices, model.num_classes), self.seed, indices,
-            batch_size=self.batch_size, cfg_scale=self.cfg_scale, guidance="weak_conditional", weak_scale=None,
-            guide_all_channels=self.guide_all_channels, decode=self._decode,
-        ).permute(0, 3, 1, 2)  # uint8 (n_rank, C, H, W)
+        labels = sample_labels(self.seed, indices, model.num_classes)
+        images = sampler.sample_images(labels, self.seed, indices, self.batch_size).permute(0, 3, 1, 2)  # uint8 (n, C, H, W)
         metric = self.metric.to(device)
         if not self._real_added:  # real features persist across resets (reset_real_features=False)
             for batch in self._real_share(images.shape[-1], images.shape[1], rank, world):

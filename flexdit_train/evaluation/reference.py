@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flexdit_train.evaluation.features import Extractor, file_sha256, iter_features
 from flexdit_train.evaluation.frechet import RunningStats
-from flexdit_train.evaluation.metrics import Extractor, file_sha256, iter_features
 from flexdit_train.runtime.atomic import atomic_write
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")

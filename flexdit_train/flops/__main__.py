@@ -13,10 +13,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from flexdit_train.budget import BudgetSchedule, for_target, from_powerful_steps, static
 from flexdit_train.flops.cost import CostModel, registry_config
 from flexdit_train.flops.terms import DIT_TERMS
 from flexdit_train.models.dit import DiT_models, check_patch_divides, to_2tuple
+from flexdit_train.sampling.schedule import BudgetSchedule, for_target, from_powerful_steps, static
 
 #################################################################################
 #                                      CLI                                      #

@@ -10,9 +10,9 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from flexdit_train.diffusion import sampling_diffusion
 from flexdit_train.models.arch import arch_of
-from flexdit_train.sampling import generate, save_grid
+from flexdit_train.sampling.outputs import save_grid
+from flexdit_train.sampling.pipeline import Sampler, latent_decoder, text_condition
 
 
 class SampleGrid(L.Callback):
@@ -59,12 +59,9 @@ class SampleGrid(L.Callback):
 
     @torch.no_grad()
     def make_grids(self, trainer, pl_module: L.LightningModule, suffix: str) -> list[Path]:
-        from flexdit_train.sample import latent_decoder, schedule_for, text_condition, weak_patch_for
-
         model = pl_module.ema
         if self.vae is not None and self._decode is None:
             self._decode = latent_decoder(self.vae, self.latent_scale_factor, pl_module.device)
-        diffusion = sampling_diffusion(getattr(model, "diffusion_process", None), self.sampling_steps, model.learn_sigma)
         if arch_of(model).conditioning == "text":
             if self.prompt_shards is None:
                 raise ValueError("sample grids of a text model need captions: set callbacks.sample_grid.prompt_shards")
@@ -73,22 +70,9 @@ class SampleGrid(L.Callback):
             condition = torch.arange(self.num_images) % model.num_classes
         paths = []
         for budget in self.budgets:
-            weak = weak_patch_for(model, budget)
-            schedule, _ = schedule_for(model, budget, len(diffusion.timestep_map), self.cfg_scale != 1.0, weak)
-            images = generate(
-                model,
-                diffusion,
-                condition,
-                self.seed,
-                range(self.num_images),
-                cond_patch_sizes=schedule.cond_patch_sizes,
-                guidance_patch_sizes=schedule.guidance_patch_sizes,
-                cfg_scale=self.cfg_scale,
-                guide_all_channels=self.guide_all_channels,
-                clip_denoised=self.clip_denoised,
-            )
-            if self._decode is not None:
-                images = self._decode(images)
+            sampler = Sampler.for_model(model, budget, self.sampling_steps, self.cfg_scale, self._decode,
+                                        guide_all_channels=self.guide_all_channels, clip_denoised=self.clip_denoised)
+            images = sampler.generate(condition, self.seed, range(self.num_images))
             if trainer.is_global_zero:
                 name = budget.get("name", budget["mode"])
                 path = save_grid(images.clamp(-1, 1), self.dirpath / f"{name}_{suffix}.png")

@@ -16,11 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flexdit_train.budget import Patch, as_patch
 from flexdit_train.diffusion import process_mismatch
 from flexdit_train.models.dit import check_patch_divides
 from flexdit_train.models.loading import from_pretrained
-from flexdit_train.sampling import patch_volume
+from flexdit_train.sampling.schedule import Patch, as_patch, patch_volume
 from flexdit_train.training.ema import make_ema
 from flexdit_train.training.mmd import BootstrappedMMD
 from flexdit_train.training.module import DiffusionModule

@@ -20,10 +20,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from flexdit_train.budget import patch_label
 from flexdit_train.diffusion import process_mismatch
 from flexdit_train.flops import cost_model
 from flexdit_train.models.arch import arch_of
+from flexdit_train.sampling.schedule import patch_label
 from flexdit_train.training.ema import make_ema, update_ema
 
 CHECKPOINT_FORMAT_VERSION = 1

@@ -22,3 +22,18 @@ def pretrained_like(seed: int = 0) -> DiT:
     torch.manual_seed(seed)
     model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=5)
     return randomize_zero_inits(model, seed, scale=0.1)
+
+
+def perturbed_dit(seed: int = 0, perturb: bool = True) -> DiT:
+    """A 2-block, width-64 DiT on 4x8x8 latents; ``perturb`` breaks the zero init so outputs are non-trivial."""
+    torch.manual_seed(seed)
+    model = DiT(
+        input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10
+    )
+    if perturb:
+        gen = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return model.eval()

@@ -49,6 +49,11 @@ def patch_label(patch: Patch) -> str:
     return "x".join(map(str, patch)) if isinstance(patch, tuple) else str(patch)
 
 
+def patch_volume(patch: Patch) -> int:
+    """Pixels (latent cells) per token: larger = weaker; an int p is a p x p patch."""
+    return math.prod(patch) if isinstance(patch, tuple) else patch * patch
+
+
 def _patch_name(patch: Patch) -> str:
     """"p4", or "p(1x4x4)" so that a run length after it ("p(1x4x4)x40") stays readable."""
     return f"p({patch_label(patch)})" if isinstance(patch, tuple) else f"p{patch}"
