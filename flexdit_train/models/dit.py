@@ -283,9 +283,9 @@ class PatchModel(nn.Module):
     """What every network of the DiT family shares: config settings, blocks, positions, CFG, the patch hooks.
 
     A subclass builds ``x_embedder.proj``, ``t_embedder``, ``blocks`` and ``final_layer.linear`` and defines
-    ``_canonical_patch`` (user value -> the model's patch: an int or a per-axis tuple), ``_patch_dims``
-    (patch -> per-axis sizes) and ``final_modulation``. The hooks here serve the native patch only; a
-    flexible model (:class:`flexdit_train.models.flex.FlexPatches`) overrides them, so one forward serves both.
+    ``_canonical_patch`` (user value -> the model's patch: an int or a per-axis tuple) and ``_patch_dims``
+    (patch -> per-axis sizes). The hooks here serve the native patch only; a flexible model
+    (:class:`flexdit_train.models.flex.FlexPatches`) overrides them, so one forward serves both.
     """
 
     def _init_settings(self, config: dict[str, Any], native_patch: Any) -> None:
