@@ -83,6 +83,45 @@ class FlexPatches:
         nn.Module.__init__(self)
         self._init_settings(model.config, model.native_patch_size)
         self.grad_checkpointing = model.grad_checkpointing
+        dims, underlying = self._set_flex_config(
+            patch_sizes, mode, lora_rank, lora_alpha, underlying_patch_size, patch_size_norm
+        )
+        native_weight = model.x_embedder.proj.weight
+        like = dict(device=native_weight.device, dtype=native_weight.dtype)
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        for name, param in model.named_parameters(recurse=False):
+            self.register_parameter(name, param)
+        if self.mode == "shared":
+            self._add_shared_embeddings(model, dims, underlying)
+            embed_sizes = self.patch_sizes
+        else:
+            self._add_weak_embeddings_and_adapters(model, dims, underlying)
+            embed_sizes = self.weak_patch_sizes  # the native size has no embedding: its path stays exact
+        # Zero init: every size starts as the (projected) original model.
+        self.patch_size_embed = nn.ParameterDict(
+            {patch_key(p): nn.Parameter(torch.zeros(self.hidden_size, **like)) for p in embed_sizes}
+        )
+        # Weak sizes only: an affine LN normalises the tokens even at identity init, so putting one on
+        # the native path would change the pre-trained function (and export_native could not fold it).
+        self.patch_size_norm = nn.ModuleDict(
+            {
+                patch_key(p): nn.LayerNorm(self.hidden_size, eps=1e-6, **like)
+                for p in (self.weak_patch_sizes if patch_size_norm else ())
+            }
+        )
+
+    def _set_flex_config(
+        self,
+        patch_sizes: Iterable[Any] | None,
+        mode: str | None,
+        lora_rank: int | None,
+        lora_alpha: float | None,
+        underlying_patch_size: Any,
+        patch_size_norm: bool,
+    ) -> tuple[dict[Any, tuple[int, ...]], tuple[int, ...]]:
+        """Check the options (one-line errors), set ``mode``, the patch sizes and ``flex_config``; returns the
+        per-axis sizes of every patch and of the underlying patch p'."""
         native = self.native_patch_size
         mode = self.default_mode if mode is None else mode
         lora_rank = self.default_lora_rank if lora_rank is None else lora_rank
@@ -108,7 +147,6 @@ class FlexPatches:
             raise ValueError(f"lora_rank must be >= 1, got {lora_rank}")
         if mode == "lora" and patch_size_norm:
             raise ValueError("patch_size_norm=True needs mode='shared'; the LoRA model keeps its trunk frozen")
-
         self.mode = mode
         self.patch_sizes = sizes
         self.weak_patch_sizes = tuple(p for p in sizes if p != native)
@@ -120,78 +158,72 @@ class FlexPatches:
             underlying_patch_size=self._json_patch(self._canonical_patch(underlying)),
             patch_size_norm=bool(patch_size_norm),
         )
-        for name, child in model.named_children():
-            self.add_module(name, child)
-        for name, param in model.named_parameters(recurse=False):
-            self.register_parameter(name, param)
+        return dims, underlying
 
+    def _native_pinvs(self, dims: dict, underlying: tuple[int, ...], device: torch.device) -> tuple:
+        """pinv(Q_embed(p_nat)) (prod p', prod p) and pinv(Q_de(p_nat)) (prod p, prod p'): from the native
+        weights to underlying ones whose projection back to the native size is the original (Q pinv(Q) = I:
+        a Kronecker product of full-row-rank matrices has full row rank)."""
+        nat = dims[self.native_patch_size]
+        pinv_embed = torch.linalg.pinv(embed_projection(nat, underlying)).to(device)  # (prod p', prod p)
+        pinv_de = torch.linalg.pinv(deembed_projection(nat, underlying)).to(device)  # (prod p, prod p')
+        return pinv_embed, pinv_de
+
+    def _add_shared_embeddings(self, model: PatchModel, dims: dict, underlying: tuple[int, ...]) -> None:
+        """Shared mode: one underlying embed / de-embed pair (PIResized) replaces the native ones."""
+        conv, head = model.x_embedder.proj, model.final_layer.linear
+        w_nat, b_nat = conv.weight.detach(), conv.bias.detach()  # (D, C_in, *p), (D,)
+        head_w, head_b = head.weight.detach(), head.bias.detach()  # (prod p·C_out, D), (prod p·C_out,)
+        pinv_embed, pinv_de = self._native_pinvs(dims, underlying, w_nat.device)
+        kernel = project_kernel(w_nat.double(), pinv_embed, underlying).to(w_nat.dtype)  # (D, C_in, *p')
+        flex_embed = PIResized("embed", kernel, b_nat.clone(), underlying, dims)
+        flex_final = PIResized(
+            "head",
+            project_head(head_w.double(), pinv_de).to(head_w.dtype),
+            project_head(head_b.double(), pinv_de).to(head_b.dtype),
+            underlying,
+            dims,
+        )
+        # The final linear moves into flex_final; the rest of the final layer keeps its keys, in a new
+        # container so the adopted model's own final layer is left intact. It is registered after
+        # flex_embed/flex_final: optimizer states are saved in parameter order, and this is the order
+        # the image DiT's shared checkpoints were trained with.
+        trunk = nn.Module()
+        for name, child in model.final_layer.named_children():
+            if name != "linear":
+                trunk.add_module(name, child)
+        for name, param in model.final_layer.named_parameters(recurse=False):
+            trunk.register_parameter(name, param)
+        del self.x_embedder, self.final_layer
+        self.flex_embed, self.flex_final, self.final_layer = flex_embed, flex_final, trunk
+
+    def _add_weak_embeddings_and_adapters(self, model: PatchModel, dims: dict, underlying: tuple[int, ...]) -> None:
+        """LoRA mode: the original is frozen; each weak size gets its own embed / de-embed and adapters."""
+        model.requires_grad_(False)
         conv, head = model.x_embedder.proj, model.final_layer.linear
         w_nat, b_nat = conv.weight.detach(), conv.bias.detach()  # (D, C_in, *p), (D,)
         head_w, head_b = head.weight.detach(), head.bias.detach()  # (prod p·C_out, D), (prod p·C_out,)
         like = dict(device=w_nat.device, dtype=w_nat.dtype)
-        nat = dims[native]
-        pinv_embed = torch.linalg.pinv(embed_projection(nat, underlying)).to(w_nat.device)  # (prod p', prod p)
-        pinv_de = torch.linalg.pinv(deembed_projection(nat, underlying)).to(w_nat.device)  # (prod p, prod p')
-
-        if mode == "shared":
-            # Underlying weights whose projection back to the native size is the original (Q pinv(Q) = I:
-            # a Kronecker product of full-row-rank matrices has full row rank).
-            kernel = project_kernel(w_nat.double(), pinv_embed, underlying).to(w_nat.dtype)  # (D, C_in, *p')
-            flex_embed = PIResized("embed", kernel, b_nat.clone(), underlying, dims)
-            flex_final = PIResized(
-                "head",
-                project_head(head_w.double(), pinv_de).to(head_w.dtype),
-                project_head(head_b.double(), pinv_de).to(head_b.dtype),
-                underlying,
-                dims,
-            )
-            # The final linear moves into flex_final; the rest of the final layer keeps its keys, in a new
-            # container so the adopted model's own final layer is left intact. It is registered after
-            # flex_embed/flex_final: optimizer states are saved in parameter order, and this is the order
-            # the image DiT's shared checkpoints were trained with.
-            trunk = nn.Module()
-            for name, child in model.final_layer.named_children():
-                if name != "linear":
-                    trunk.add_module(name, child)
-            for name, param in model.final_layer.named_parameters(recurse=False):
-                trunk.register_parameter(name, param)
-            del self.x_embedder, self.final_layer
-            self.flex_embed, self.flex_final, self.final_layer = flex_embed, flex_final, trunk
-            embed_sizes = sizes
-        else:
-            model.requires_grad_(False)
-            conv_cls = nn.Conv3d if len(nat) == 3 else nn.Conv2d
-            self.flex_embed = nn.ModuleDict()
-            self.flex_final = nn.ModuleDict()
-            for p in self.weak_patch_sizes:
-                # The shared model's weak start: the PI projection of the native weights.
-                q_embed = embed_projection(dims[p], underlying).to(w_nat.device) @ pinv_embed  # (prod p, prod p_nat)
-                q_de = pinv_de @ deembed_projection(dims[p], underlying).to(w_nat.device)  # (prod p_nat, prod p)
-                embed = conv_cls(self.in_channels, self.hidden_size, dims[p], stride=dims[p], **like)
-                linear = nn.Linear(self.hidden_size, math.prod(dims[p]) * self.out_channels, **like)
-                with torch.no_grad():
-                    embed.weight.copy_(project_kernel(w_nat.double(), q_embed, dims[p]))
-                    embed.bias.copy_(b_nat)
-                    linear.weight.copy_(project_head(head_w.double(), q_de))
-                    linear.bias.copy_(project_head(head_b.double(), q_de))
-                self.flex_embed[patch_key(p)] = embed
-                self.flex_final[patch_key(p)] = linear
-            alpha = float(lora_rank if lora_alpha is None else lora_alpha)
-            attach_adapters(self.blocks, [patch_key(p) for p in self.weak_patch_sizes], lora_rank, alpha)
-            embed_sizes = self.weak_patch_sizes  # the native size has no embedding: its path stays exact
-
-        # Zero init: every size starts as the (projected) original model.
-        self.patch_size_embed = nn.ParameterDict(
-            {patch_key(p): nn.Parameter(torch.zeros(self.hidden_size, **like)) for p in embed_sizes}
-        )
-        # Weak sizes only: an affine LN normalises the tokens even at identity init, so putting one on
-        # the native path would change the pre-trained function (and export_native could not fold it).
-        self.patch_size_norm = nn.ModuleDict(
-            {
-                patch_key(p): nn.LayerNorm(self.hidden_size, eps=1e-6, **like)
-                for p in (self.weak_patch_sizes if patch_size_norm else ())
-            }
-        )
+        pinv_embed, pinv_de = self._native_pinvs(dims, underlying, w_nat.device)
+        conv_cls = nn.Conv3d if len(underlying) == 3 else nn.Conv2d
+        self.flex_embed = nn.ModuleDict()
+        self.flex_final = nn.ModuleDict()
+        for p in self.weak_patch_sizes:
+            # The shared model's weak start: the PI projection of the native weights.
+            q_embed = embed_projection(dims[p], underlying).to(w_nat.device) @ pinv_embed  # (prod p, prod p_nat)
+            q_de = pinv_de @ deembed_projection(dims[p], underlying).to(w_nat.device)  # (prod p_nat, prod p)
+            embed = conv_cls(self.in_channels, self.hidden_size, dims[p], stride=dims[p], **like)
+            linear = nn.Linear(self.hidden_size, math.prod(dims[p]) * self.out_channels, **like)
+            with torch.no_grad():
+                embed.weight.copy_(project_kernel(w_nat.double(), q_embed, dims[p]))
+                embed.bias.copy_(b_nat)
+                linear.weight.copy_(project_head(head_w.double(), q_de))
+                linear.bias.copy_(project_head(head_b.double(), q_de))
+            self.flex_embed[patch_key(p)] = embed
+            self.flex_final[patch_key(p)] = linear
+        lora = self.flex_config
+        alpha = float(lora["lora_rank"] if lora["lora_alpha"] is None else lora["lora_alpha"])
+        attach_adapters(self.blocks, [patch_key(p) for p in self.weak_patch_sizes], lora["lora_rank"], alpha)
 
     @classmethod
     def from_config(cls, model_config: dict, flex_config: dict):
