@@ -81,12 +81,7 @@ def sample_step(cfg: DictConfig, device: torch.device, rank: int, world: int) ->
     order (uint8 (N, H, W, C)) and the sampling card, the other ranks None and the card."""
     ev = cfg.eval
     num_samples = int(ev.num_samples)
-    sampler = Sampler.from_checkpoint(
-        cfg.checkpoint, budget=cfg.budget, steps=ev.sampling_steps, cfg=ev.cfg_scale, device=device,
-        use_ema=cfg.use_ema, merge_lora=cfg.merge_lora, vae=ev.vae, latent_scale_factor=ev.latent_scale_factor,
-        weak_patch_size=cfg.weak_patch_size, weak_guidance=ev.weak_guidance_scale, guidance=ev.guidance,
-        guide_all_channels=ev.guide_all_channels, clip_denoised=ev.clip_denoised,
-    )
+    sampler = Sampler.from_config(cfg, ev, device)
     model = sampler.model
     if arch_of(model).conditioning != "class" or len(model.input_size) != 2:
         # FID/IS need class-conditional images; video and text metrics are not built

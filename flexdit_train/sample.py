@@ -32,12 +32,7 @@ log = logging.getLogger(__name__)
 
 def run_sampling(cfg: DictConfig) -> dict[str, Any]:
     device = resolve_device(cfg.device)
-    sampler = Sampler.from_checkpoint(
-        cfg.checkpoint, budget=cfg.budget, steps=cfg.sampling_steps, cfg=cfg.cfg_scale, device=device,
-        use_ema=cfg.use_ema, merge_lora=cfg.merge_lora, vae=cfg.vae, latent_scale_factor=cfg.latent_scale_factor,
-        weak_patch_size=cfg.weak_patch_size, weak_guidance=cfg.weak_guidance_scale, guidance=cfg.guidance,
-        guide_all_channels=cfg.guide_all_channels, clip_denoised=cfg.clip_denoised,
-    )
+    sampler = Sampler.from_config(cfg, cfg, device)
     model = sampler.model
     channels = model.in_channels if sampler.decode is None else 3
     if len(model.input_size) == 3 and channels not in (1, 3):

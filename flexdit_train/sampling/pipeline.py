@@ -215,6 +215,19 @@ class Sampler:
             model.merge_lora(weak_steps[0])  # after .to(device): merged copies do not follow moves
         return sampler
 
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], knobs: Mapping[str, Any], device: torch.device) -> Sampler:
+        """:meth:`from_checkpoint` as the apps' configs spell it: ``checkpoint``, ``budget``, ``use_ema``,
+        ``merge_lora`` and ``weak_patch_size`` at the top level of ``cfg``, the sampling knobs in ``knobs``
+        (conf/sample.yaml: ``cfg`` itself; conf/evaluate.yaml: its ``eval`` preset)."""
+        return cls.from_checkpoint(
+            cfg["checkpoint"], budget=cfg["budget"], steps=knobs["sampling_steps"], cfg=knobs["cfg_scale"],
+            device=device, use_ema=cfg["use_ema"], merge_lora=cfg["merge_lora"], vae=knobs["vae"],
+            latent_scale_factor=knobs["latent_scale_factor"], weak_patch_size=cfg["weak_patch_size"],
+            weak_guidance=knobs["weak_guidance_scale"], guidance=knobs["guidance"],
+            guide_all_channels=knobs["guide_all_channels"], clip_denoised=knobs["clip_denoised"],
+        )
+
     def generate(self, condition: torch.Tensor | Mapping[str, torch.Tensor], seed: int, indices: Sequence[int],
                  progress: bool = False) -> torch.Tensor:
         """Samples (N, C, H, W) or (N, C, F, H, W) for the global ``indices``, decoded to images when the
