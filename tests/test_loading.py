@@ -114,6 +114,21 @@ def test_plain_safetensors_without_metadata(tmp_path):
     assert_same(from_pretrained(tmp_path / "plain.safetensors"), model)
 
 
+def test_safetensors_whose_header_length_starts_like_a_pickle_keeps_its_metadata(tmp_path):
+    # The first byte of a safetensors file is the low byte of its header length; 0x80 is a pickle's opcode.
+    model = randomized()
+    for pad in range(256):
+        path = export_safetensors(model, tmp_path / "w.safetensors")
+        if path.read_bytes()[0] == 0x80:
+            break
+        model.config = {**model.config}
+        model.diffusion_process = {"noise_schedule": "linear", "note": "x" * pad}  # grows the JSON header
+    assert path.read_bytes()[0] == 0x80
+    loaded = from_pretrained(path)
+    assert_same(loaded, model)
+    assert loaded.diffusion_process == model.diffusion_process  # the metadata, not just the tensors
+
+
 def test_train_py_checkpoint_prefers_ema(tmp_path):
     model, ema = randomized(seed=0), randomized(seed=1)
     opt = torch.optim.AdamW(model.parameters())

@@ -158,11 +158,13 @@ def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> tuple[object
         head = f.read(16)
     if size < 16:
         raise corrupt(path, f"only {size} bytes")
+    # safetensors first: its 8-byte header length is arbitrary, so its first byte can be 0x80 like a pickle's;
+    # a pickle's first 8 bytes read as a length are far beyond any real header.
+    (header_len,) = struct.unpack("<Q", head[:8])
+    if head[8:9] == b"{" and header_len <= min(SAFETENSORS_MAX_HEADER, size - 8):
+        return safetensors_load(path, map_location)
     if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # torch zip archive / legacy pickle
         return torch_load(path, map_location), None
-    (header_len,) = struct.unpack("<Q", head[:8])
-    if head[8:9] == b"{" and header_len <= SAFETENSORS_MAX_HEADER:
-        return safetensors_load(path, map_location)
     kind = "a text file" if all(32 <= b < 127 or b in b"\t\r\n" for b in head) else "of an unknown format"
     raise CheckpointError(
         f"{path} is not a DiT checkpoint: it is {kind}, neither a PyTorch nor a safetensors file; "
