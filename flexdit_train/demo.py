@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import platform
 import subprocess
@@ -32,13 +31,12 @@ import time
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from flexdit_train import CONF_DIR
 from flexdit_train.evaluation.claims import compare
 from flexdit_train.evaluation.report import metric_column, plot_fid_vs_compute, read_table, seed_statistics
-
-log = logging.getLogger(__name__)
+from flexdit_train.runtime.errors import UserError, report_errors
 
 
 def run_stage(name: str, module: str, overrides: list[str], threads: int) -> float:
@@ -48,8 +46,8 @@ def run_stage(name: str, module: str, overrides: list[str], threads: int) -> flo
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     start = time.time()
     result = subprocess.run(command, env=env)
-    if result.returncode != 0:
-        raise RuntimeError(f"demo stage '{name}' failed (exit {result.returncode}); its log is above")
+    if result.returncode != 0:  # the stage printed its own error (one line for a user error) just above
+        raise UserError(f"demo stage '{name}' failed (exit {result.returncode}); its error is printed above")
     return time.time() - start
 
 
@@ -167,8 +165,7 @@ def flexify_stage(cfg: DictConfig, run_dir: Path) -> Path:
     """`make train`: flexify the shipped teacher, evaluate at every budget and seed, write the report."""
     teacher = Path(str(cfg.teacher))
     if not teacher.is_file():
-        raise FileNotFoundError(f"teacher checkpoint {teacher} not found; run `make pretrain` to train it, or pass "
-                                "teacher=PATH")
+        raise UserError(f"teacher checkpoint {teacher} not found; run `make pretrain` to train it, or pass teacher=PATH")
     flex_dir = run_dir / "flex"
     flex_ckpt = flex_dir / "checkpoints" / "final.ckpt"
     run_stage("flexify", "flexdit_train", [*cfg.flexify, f"model.pretrained={teacher}", f"hydra.run.dir={flex_dir}"],
@@ -256,15 +253,15 @@ def ship_teacher(cfg: DictConfig, run_dir: Path, ckpt: Path, command: str, stage
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="demo")
+@report_errors
 def main(cfg: DictConfig) -> None:
-    log.info("demo config:\n%s", OmegaConf.to_yaml(cfg))
     run_dir = Path(cfg.paths.output_dir)
     if cfg.stage == "pretrain":
         card = pretrain_stage(cfg, run_dir)
         print(f"teacher: {cfg.teacher}\ncard: {card}\nrun directory: {run_dir}")
         return
     if cfg.stage != "flexify":
-        raise ValueError(f"stage={cfg.stage!r}: use stage=flexify (make train) or stage=pretrain (make pretrain)")
+        raise UserError(f"stage={cfg.stage!r}: use stage=flexify (make train) or stage=pretrain (make pretrain)")
     report = flexify_stage(cfg, run_dir)
     print(report.read_text())
     print(f"report: {report}\nplot: {run_dir / 'fid_vs_compute.png'}\nrun directory: {run_dir}")

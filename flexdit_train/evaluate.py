@@ -32,6 +32,7 @@ from flexdit_train.evaluation.metrics import check_metrics, compute_metrics
 from flexdit_train.evaluation.reference import load_reference, reference_kind
 from flexdit_train.evaluation.report import log_to_wandb, read_table, record_result, table_row
 from flexdit_train.models.arch import arch_of
+from flexdit_train.runtime.errors import check_range, report_errors
 from flexdit_train.sampling.outputs import sampling_card, save_uint8_grid, write_outputs
 from flexdit_train.sampling.pipeline import Sampler, resolve_device
 from flexdit_train.sampling.seeds import sample_labels, seed_protocol
@@ -149,9 +150,12 @@ def record_step(cfg: DictConfig, card: dict, grid: Path) -> dict[str, Path]:
 def run_evaluation(cfg: DictConfig) -> dict[str, Any] | None:
     """Sample, score and record one (checkpoint, budget, preset); returns the card and paths on rank 0."""
     ev = cfg.eval
-    num_samples = int(ev.num_samples)
-    if num_samples < 2:
-        raise ValueError(f"eval.num_samples={num_samples}: statistics need at least 2 samples")
+    num_samples = check_range("eval.num_samples", ev.num_samples, 2, integer=True)  # statistics need 2 at least
+    check_range("batch_size", cfg.batch_size, 1, integer=True)
+    check_range("seed", cfg.seed, 0, integer=True)
+    check_range("grid_size", cfg.grid_size, 0, integer=True)
+    check_range("eval.cfg_scale", ev.cfg_scale, 1.0)
+    check_range("reference_subset", cfg.reference_subset, 2, integer=True)
     rank, world = init_distributed(cfg.dist_timeout_minutes)
     device = resolve_device(cfg.device)
     if device.type == "cuda" and world > 1:
@@ -184,8 +188,8 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any] | None:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
+@report_errors
 def main(cfg: DictConfig) -> None:
-    log.info("evaluation config:\n%s", OmegaConf.to_yaml(cfg))
     try:
         run_evaluation(cfg)
     finally:

@@ -12,25 +12,45 @@ the same images on any number of GPUs.
 
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from flexdit_train import CONF_DIR
 from flexdit_train.models.arch import arch_of
+from flexdit_train.runtime.errors import UserError, check_range, report_errors
 from flexdit_train.sampling.outputs import sampling_card, write_outputs
 from flexdit_train.sampling.pipeline import Sampler, resolve_device, text_condition
 from flexdit_train.sampling.seeds import sample_labels
 
-log = logging.getLogger(__name__)
+
+def check_config(cfg: DictConfig) -> None:
+    """The numeric knobs, before the checkpoint is read or anything is sampled."""
+    check_range("num_samples", cfg.num_samples, 1, integer=True)
+    check_range("batch_size", cfg.batch_size, 1, integer=True)
+    check_range("grid_size", cfg.grid_size, 0, integer=True)
+    check_range("seed", cfg.seed, 0, integer=True)
+    check_range("cfg_scale", cfg.cfg_scale, 1.0)
+    check_range("fps", cfg.fps, 1e-3)
+    check_range("latent_scale_factor", cfg.latent_scale_factor, 1e-12)
+    if cfg.class_labels is not None and (isinstance(cfg.class_labels, str) or not len(cfg.class_labels)):
+        raise UserError(f"class_labels={cfg.class_labels!r} must be a non-empty list of ints, e.g. class_labels=[3,7]")
+
+
+def check_labels(labels: list, num_classes: int) -> None:
+    """Class labels the model knows (the null-class row is not one of them)."""
+    bad = [y for y in labels if not isinstance(y, int) or not 0 <= y < num_classes]
+    if bad:
+        raise UserError(f"class_labels {bad} are not classes of this model, which has {num_classes} "
+                        f"(0..{num_classes - 1}); pass labels in that range")
 
 
 def run_sampling(cfg: DictConfig) -> dict[str, Any]:
+    check_config(cfg)
     device = resolve_device(cfg.device)
     sampler = Sampler.from_config(cfg, cfg, device)
     model = sampler.model
@@ -44,6 +64,7 @@ def run_sampling(cfg: DictConfig) -> dict[str, Any]:
     elif cfg.prompts or cfg.prompt_shards:
         raise ValueError("prompts and prompt_shards are for text models; this checkpoint is class-conditional")
     elif cfg.class_labels is not None:
+        check_labels(list(cfg.class_labels), model.num_classes)
         labels = condition = torch.tensor([int(cfg.class_labels[i % len(cfg.class_labels)]) for i in indices])
     else:
         labels = condition = sample_labels(cfg.seed, indices, model.num_classes)
@@ -64,8 +85,8 @@ def run_sampling(cfg: DictConfig) -> dict[str, Any]:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sample")
+@report_errors
 def main(cfg: DictConfig) -> None:
-    log.info("sampling config:\n%s", OmegaConf.to_yaml(cfg))
     run_sampling(cfg)
 
 

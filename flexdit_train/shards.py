@@ -19,8 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
+
+from flexdit_train.runtime.errors import exit_on_user_error
 
 
 def _common(parser: argparse.ArgumentParser, maxcount: int) -> None:
@@ -39,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=__doc__[__doc__.index("Examples"):],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--verbose", action="store_true", help="show the traceback of an input error too")
     commands = parser.add_subparsers(dest="command", required=True)
 
     images = commands.add_parser("imagefolder", help="class-per-folder tree or CSV list (path,label|caption) -> image shards")
@@ -55,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     video.add_argument("--size", type=int, default=None, help="resize the short side to this many pixels (re-encodes)")
 
     latents = commands.add_parser("latents", help="image shards -> VAE moment shards (resumable)")
-    latents.add_argument("shards", help="image shard set: index JSON, brace/glob pattern")
+    latents.add_argument("shards", nargs="+", help="image shard set: index JSON, brace/glob pattern, or .tar paths")
     latents.add_argument("out", help="output directory (rerun to resume)")
     latents.add_argument("--vae", required=True,
                          help="local AutoencoderKL directory, weights file (diffusers keys) or config JSON (random weights)")
@@ -69,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     latents.add_argument("--std-tolerance", type=float, default=0.3, help="warn when |scaled latent std - 1| exceeds this")
 
     text = commands.add_parser("text-embeddings", help="caption shards -> the same shards + text-encoder states (resumable)")
-    text.add_argument("shards", help="caption shard set (images, latents or videos with txt): index JSON, brace/glob pattern")
+    text.add_argument("shards", nargs="+",
+                      help="caption shard set (images, latents or videos with txt): index JSON, brace/glob pattern, or .tar paths")
     text.add_argument("out", help="output directory (rerun to resume)")
     text.add_argument("--encoder", required=True,
                       help="local transformers encoder directory with its tokenizer (save_pretrained), e.g. a T5 encoder")
@@ -82,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     mnist.add_argument("out", help="output directory")
 
     verify = commands.add_parser("verify", help="count samples; find truncated shards, duplicate or split keys")
-    verify.add_argument("shards", help="shard set: index JSON, brace/glob pattern")
+    verify.add_argument("shards", nargs="+",
+                        help="shard set: index JSON, brace/glob pattern, or .tar paths (e.g. the shell's out/*.tar)")
     verify.add_argument("--json", default=None, help="also write the report to this JSON file")
     return parser
 
@@ -92,9 +98,25 @@ def _describe(index: dict) -> str:
     return f"wrote {index['total']} samples in {len(index['shards'])} shards{classes}"
 
 
+def shard_spec(paths: list[str]) -> str | list[str]:
+    """One argument stays a spec (index JSON or pattern); several are the shard paths themselves."""
+    return paths[0] if len(paths) == 1 else paths
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; returns the exit code (verify: 1 when the set is damaged)."""
+    """Run one command; returns the exit code (verify: 1 when the set is damaged). Input errors are one line
+    on stderr and exit code 2 (``--verbose`` adds the traceback)."""
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        os.environ["FLEXDIT_VERBOSE"] = "1"
+    try:
+        return run(args)
+    except Exception as err:
+        exit_on_user_error(err, show_traceback="--verbose")
+        raise
+
+
+def run(args: argparse.Namespace) -> int:
     if args.command == "imagefolder":
         from flexdit_train.data.writers import write_image_shards
 
@@ -115,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             warnings.simplefilter("always")
             warnings.showwarning = lambda message, *a, **k: print(f"WARNING: {message}", file=sys.stderr)
             index = encode_latent_shards(
-                args.shards, args.out, vae=args.vae, vae_config=args.vae_config, image_size=args.image_size,
+                shard_spec(args.shards), args.out, vae=args.vae, vae_config=args.vae_config, image_size=args.image_size,
                 batch_size=args.batch_size, workers=args.workers, device=args.device, scale_factor=args.scale_factor,
                 prefix=args.prefix, std_tolerance=args.std_tolerance,
             )
@@ -123,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "text-embeddings":
         from flexdit_train.data.text import encode_text_shards
 
-        index = encode_text_shards(args.shards, args.out, encoder=args.encoder, max_length=args.max_length,
+        index = encode_text_shards(shard_spec(args.shards), args.out, encoder=args.encoder, max_length=args.max_length,
                                    batch_size=args.batch_size, device=args.device, prefix=args.prefix)
         print(f"{_describe(index)} with {index['text_len']}x{index['text_channels']} caption embeddings "
               f"to {args.out}/{index['prefix']}.json")
@@ -135,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from flexdit_train.data.verify import verify_shards
 
-        report = verify_shards(args.shards)
+        report = verify_shards(shard_spec(args.shards))
         print(report.summary())
         if args.json:
             with open(args.json, "w") as fh:

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from flexdit_train import CONF_DIR
 from flexdit_train.diffusion import process_mismatch
+from flexdit_train.runtime.errors import report_errors
 from flexdit_train.runtime.loggers import finish_wandb
 from flexdit_train.runtime.runs import resolve_ckpt_path
 from flexdit_train.sampling.schedule import as_patch
@@ -108,6 +109,7 @@ def run(cfg: DictConfig) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+@report_errors
 def main(cfg: DictConfig) -> float | None:
     result = run(cfg)
     metric = cfg.get("optimized_metric")

@@ -36,6 +36,7 @@ from flexdit_train.data import (
 )
 from flexdit_train.data.media import decode_image
 from flexdit_train.data.vae import TINY_VAE_CONFIG, encode_moments, load_vae
+from flexdit_train.runtime.errors import UserError
 from flexdit_train.shards import main as shards_main
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "data"
@@ -481,7 +482,7 @@ def test_skip_monitor_logs_and_stops(images, tmp_path):
     fit.fit(module, datamodule=image_module(damaged, num_workers=2, steps_per_epoch=6, val_shards=None))
     assert fit.logged_metrics["data/skipped"] > 0 and 0 < fit.logged_metrics["data/skip_rate"] < 0.5
     strict = trainer(12, callbacks=[DataSkipMonitor(every_n_steps=4, max_skip_rate=0.0, min_samples=1)])
-    with pytest.raises(RuntimeError, match=r"lost .*above max_skip_rate=0.0%.*train-00000[13].tar"):
+    with pytest.raises(UserError, match=r"lost .*above max_skip_rate=0.0%.*train-00000[13].tar"):
         strict.fit(Recorder(), datamodule=image_module(damaged, num_workers=2, steps_per_epoch=6, val_shards=None))
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from flexdit_train.runtime.errors import UserError
+
 COUNTS = ("samples", "met", "skipped")  # read; of the shards read to their end; lost (missing + undecodable)
 
 
@@ -56,7 +58,7 @@ class DataSkipMonitor(Callback):
         if totals["met"] >= self.min_samples and rate > self.max_skip_rate:
             worst = sorted(stats.get("per_shard", {}).items(), key=lambda kv: -kv[1])[:3]
             listing = "; ".join(f"{url} ({n} lost: {stats['errors'].get(url, '?')[:80]})" for url, n in worst)
-            raise RuntimeError(
+            raise UserError(
                 f"{rate:.1%} of the training samples were lost ({totals['skipped']} of "
                 f"{totals['met']}), above max_skip_rate={self.max_skip_rate:.1%}; worst shards on "
                 f"rank {trainer.global_rank}: {listing or 'none on this rank'}. Run `python -m flexdit_train.shards "

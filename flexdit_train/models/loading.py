@@ -178,13 +178,15 @@ def torch_load(path: Path, map_location) -> object:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-        if refused is None:
+        # torch's weights-only unpickler refused an object: the file is readable, its content is unsafe.
+        if "weights only load failed" not in str(err).lower():
             raise corrupt(path, err) from None
+        refused = re.search(r"(?:unsupported global: global|unsupported global) ([\w.]+)", str(err), re.IGNORECASE)
+        what = f"a {refused.group(1)} object" if refused else "an object other than tensors and plain containers"
         raise CheckpointError(
-            f"checkpoint {path} pickles a {refused.group(1)} object, which torch.load(weights_only=True) "
-            "refuses because unpickling it can run code; if you trust the file, load it with "
-            "torch.load(path, weights_only=False) and pass the dict to from_pretrained"
+            f"checkpoint {path} is unsafe: it pickles {what}, and unpickling it could run code, so it was not "
+            "loaded; if you trust its source, load it with torch.load(path, weights_only=False) and pass the dict "
+            "to from_pretrained"
         ) from None
     except Exception as err:  # torch reports truncation as EOFError, RuntimeError, ... depending on where
         raise corrupt(path, err) from None
