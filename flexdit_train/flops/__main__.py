@@ -27,7 +27,7 @@ class _OneLineParser(argparse.ArgumentParser):
     """Usage errors as a single stderr line (exit code 2), like the validation errors below."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"error: {message}\n")
 
 
 def _positive_int(text: str) -> int:
@@ -197,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         report = forward_report(args) if args.steps is None else schedule_report(args)
     except ValueError as err:
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        print(f"error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(report) if args.json else _report_line(report))
     return 0
