@@ -180,6 +180,12 @@ def flexify_stage(cfg: DictConfig, run_dir: Path) -> Path:
     return write_report(run_dir, flex_ckpt, teacher_ref, float(cfg.tolerance), float(cfg.claim_fraction))
 
 
+def effective_overrides(overrides: list[str]) -> list[str]:
+    """Hydra overrides with the later of two values for one key kept (as Hydra applies them)."""
+    last = {o.split("=", 1)[0]: o for o in overrides}
+    return list(last.values())
+
+
 def git_commit() -> str:
     """The commit of the source tree (with ``-dirty`` when it has uncommitted changes), or ``unknown``."""
     root = Path(__file__).resolve().parents[1]
@@ -237,7 +243,7 @@ def ship_teacher(cfg: DictConfig, run_dir: Path, ckpt: Path, command: str, stage
         "diffusion": model.diffusion_process,
         "evaluation": {
             "metric": metric,
-            "protocol": [*cfg.evaluate, *cfg.teacher_evaluate, "budget=static"],
+            "protocol": effective_overrides([*cfg.evaluate, *cfg.teacher_evaluate, "budget=static"]),
             "seeds": stats["seeds"],
             "fid_mean": stats[metric], "fid_std": stats[f"{metric}_std"],
             "label_accuracy_mean": stats["mnist_accuracy"], "label_accuracy_std": stats["mnist_accuracy_std"],
