@@ -92,7 +92,7 @@ def sample_step(cfg: DictConfig, device: torch.device, rank: int, world: int) ->
         )
     indices = rank_indices(num_samples, rank, world)
     start = time.time()
-    local = sampler.sample_images(sample_labels(cfg.seed, indices, model.num_classes), cfg.seed, indices,
+    local = sampler.sample_images(sample_labels(cfg.seed, indices, model.num_classes, ev.labels), cfg.seed, indices,
                                   int(cfg.batch_size), cfg.progress)  # uint8 (n_rank, H, W, C)
     images = gather_samples(local, num_samples, rank, world)
     card = sampling_card(
@@ -102,7 +102,7 @@ def sample_step(cfg: DictConfig, device: torch.device, rank: int, world: int) ->
     )
     card.update({
         "preset": ev.name,
-        "seeds": seed_protocol(num_samples),
+        "seeds": seed_protocol(num_samples, ev.labels),
         "precision": {"dtype": "float32", "tf32": bool(cfg.allow_tf32) and device.type == "cuda",
                       "quantization": "clamp(127.5 x + 128, 0, 255) -> uint8"},
         "world_size": world,
@@ -173,7 +173,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any] | None:
     sampler, images, card = sample_step(cfg, device, rank, world)
     if rank != 0:
         return None
-    labels = sample_labels(cfg.seed, range(num_samples), sampler.model.num_classes)
+    labels = sample_labels(cfg.seed, range(num_samples), sampler.model.num_classes, ev.labels)
     out_dir = Path(cfg.out_dir)
     if ev.save_npz:
         grid = write_outputs(out_dir, images, labels, card, int(cfg.grid_size))["grid"]  # ADM npz + sampling card

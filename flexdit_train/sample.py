@@ -67,7 +67,7 @@ def run_sampling(cfg: DictConfig) -> dict[str, Any]:
         check_labels(list(cfg.class_labels), model.num_classes)
         labels = condition = torch.tensor([int(cfg.class_labels[i % len(cfg.class_labels)]) for i in indices])
     else:
-        labels = condition = sample_labels(cfg.seed, indices, model.num_classes)
+        labels = condition = sample_labels(cfg.seed, indices, model.num_classes, cfg.labels)
     start = time.time()
     images = sampler.sample_images(condition, cfg.seed, indices, int(cfg.batch_size), cfg.progress)
     card = sampling_card(

@@ -52,6 +52,20 @@ def test_verdicts_separate_the_claim_from_what_the_noise_supports():
     assert better(stats(3.0, 0.1), stats(2.9, 0.1), "fid")["fid"] == 2.9
 
 
+def test_the_same_seeds_on_both_sides_are_compared_seed_by_seed():
+    # Seeds move both models' FIDs together (same noise, same labels): the per-seed difference is what counts.
+    ref = {"fid": 8.0, "fid_std": 2.0, "n_seeds": 3, "fid_by_seed": {0: 10.0, 1: 6.0, 2: 8.0}}
+    flex = {"fid": 8.2, "fid_std": 2.0, "n_seeds": 3, "fid_by_seed": {0: 10.2, 1: 6.1, 2: 8.3}}
+    paired = compare(flex, ref, "fid")
+    assert paired.paired and paired.spread == pytest.approx(2 * 0.1 / math.sqrt(3))
+    assert paired.verdict == "matches" and paired.within  # +2.5%, spread 0.12 FID
+    unpaired = compare({k: v for k, v in flex.items() if k != "fid_by_seed"}, ref, "fid")
+    assert not unpaired.paired and unpaired.verdict == "inconclusive"  # 2 std each: 3.3 FID of spread
+    other_seeds = compare({**flex, "fid_by_seed": {3: 10.2, 4: 6.1, 5: 8.3}}, ref, "fid")
+    assert not other_seeds.paired
+    assert "paired over 3 seeds" in paired.describe()
+
+
 def test_report_rows_each_setting_once_with_its_seed_spread_and_states_the_verdicts(tmp_path):
     teacher, flex = tmp_path / "teacher.safetensors", tmp_path / "flex.ckpt"
     for seed in range(3):

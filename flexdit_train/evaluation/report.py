@@ -142,7 +142,8 @@ def metric_column(rows: list[Mapping], pattern: re.Pattern = FID_COLUMN) -> str 
 def seed_statistics(rows: list[Mapping], metrics: list[str]) -> list[dict]:
     """One entry per setting (checkpoint, budget, preset, sampling steps, CFG scale): the setting's
     columns, ``seeds`` (sorted), ``n_seeds`` and, for each metric, ``<metric>`` (the mean over seeds) and
-    ``<metric>_std`` (sample standard deviation, 0 for one seed). Rows lacking a metric are skipped for it."""
+    ``<metric>_std`` (sample standard deviation, 0 for one seed) and ``<metric>_by_seed`` ({seed: value}, for
+    paired comparisons). Rows lacking a metric are skipped for it."""
     groups: dict[tuple, list[Mapping]] = {}
     for r in rows:
         groups.setdefault(tuple(str(r.get(k, "")) for k in SETTING_COLUMNS), []).append(r)
@@ -154,11 +155,13 @@ def seed_statistics(rows: list[Mapping], metrics: list[str]) -> list[dict]:
         entry["seeds"] = sorted(int(r["seed"]) for r in members if isinstance(r.get("seed"), int))
         entry["n_seeds"] = len(members)
         for metric in metrics:
-            values = [float(r[metric]) for r in members if isinstance(r.get(metric), int | float)]
-            if values:
+            by_seed = {int(r["seed"]): float(r[metric]) for r in members if isinstance(r.get(metric), int | float)}
+            if by_seed:
+                values = list(by_seed.values())
                 mean = sum(values) / len(values)
                 var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
                 entry[metric], entry[f"{metric}_std"] = mean, math.sqrt(var)
+                entry[f"{metric}_by_seed"] = by_seed
         out.append(entry)
     return out
 

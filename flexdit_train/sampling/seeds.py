@@ -28,8 +28,21 @@ def sample_noise(
     return noise, generators  # noise: (N, *shape)
 
 
-def sample_labels(seed: int, indices: Sequence[int], num_classes: int) -> torch.Tensor:
-    """Uniform class labels (N,) derived from (seed, index), independent of batch layout."""
+LABEL_MODES = ("uniform", "balanced")
+
+
+def sample_labels(seed: int, indices: Sequence[int], num_classes: int, mode: str = "uniform") -> torch.Tensor:
+    """Class labels (N,) of the given sample indices, independent of batch layout.
+
+    ``uniform``: drawn from (seed + offset, i), as DiT's evaluation does. ``balanced``: sample i gets class
+    i mod num_classes, so a set of n samples has n / num_classes of each class (to within one), like a
+    balanced reference set; with few samples per class, uniform draws add class-proportion noise that
+    moves a classifier-feature FID by more than the models differ (the MNIST protocol uses balanced).
+    """
+    if mode == "balanced":
+        return torch.tensor([int(i) % num_classes for i in indices], dtype=torch.long)
+    if mode != "uniform":
+        raise ValueError(f"labels={mode!r} is not one of {LABEL_MODES}")
     labels = [
         int(torch.randint(num_classes, (1,), generator=sample_generator(seed + LABEL_SEED_OFFSET, i)).item())
         for i in indices
@@ -37,10 +50,11 @@ def sample_labels(seed: int, indices: Sequence[int], num_classes: int) -> torch.
     return torch.tensor(labels, dtype=torch.long)
 
 
-def seed_protocol(num_samples: int) -> dict[str, str]:
-    """How the noise and the uniform labels of samples ``0..num_samples-1`` were drawn, for cards."""
+def seed_protocol(num_samples: int, labels: str = "uniform") -> dict[str, str]:
+    """How the noise and the labels of samples ``0..num_samples-1`` were drawn, for cards."""
+    how = f"uniform, sample i: (seed + {LABEL_SEED_OFFSET}, i)" if labels == "uniform" else "balanced: i mod classes"
     return {
         "noise": "sample i: SeedSequence([seed, i])",
-        "labels": f"uniform, sample i: (seed + {LABEL_SEED_OFFSET}, i)",
+        "labels": how,
         "indices": f"0..{num_samples - 1}",
     }
