@@ -209,23 +209,23 @@ def pretrain_stage(cfg: DictConfig, run_dir: Path) -> Path:
 
 def ship_teacher(cfg: DictConfig, run_dir: Path, ckpt: Path, command: str, stage_seconds: float,
                  commit: str | None = None) -> Path:
-    """Score a trained teacher with the card protocol (every seed), export its EMA weights to ``cfg.teacher`` and
-    write the provenance card next to them (same name, ``.json``). The training wall-clock is the one the
-    checkpoint accumulated over all its sessions (resumes included), else the stage's own time."""
+    """Export a trained teacher's EMA weights to ``cfg.teacher``, score the exported file with the card protocol
+    (every seed) and write the provenance card next to it (same name, ``.json``). The training wall-clock is the
+    one the checkpoint accumulated over all its sessions (resumes included), else the stage's own time."""
     import torch
 
     from flexdit_train.models.loading import export_safetensors, from_pretrained
 
-    evaluate_sweep("evaluate teacher", cfg, run_dir, ckpt, "static", None, "eval_teacher", list(cfg.teacher_evaluate))
-    rows = [r for r in read_table(run_dir / "results.csv") if Path(str(r["checkpoint"])) == ckpt]
+    teacher = Path(str(cfg.teacher))
+    model = from_pretrained(ckpt)  # the EMA weights
+    export_safetensors(model, teacher)
+    evaluate_sweep("evaluate teacher", cfg, run_dir, teacher, "static", None, "eval_teacher", list(cfg.teacher_evaluate))
+    rows = [r for r in read_table(run_dir / "results.csv") if Path(str(r["checkpoint"])) == teacher]
     metric = metric_column(rows)
     stats = seed_statistics(rows, [metric, "mnist_accuracy"])
     if len(stats) != 1:
         raise RuntimeError(f"expected one teacher setting in {run_dir / 'results.csv'}, found {len(stats)}")
     stats = stats[0]
-    teacher = Path(str(cfg.teacher))
-    model = from_pretrained(ckpt)  # the EMA weights
-    export_safetensors(model, teacher)
     trained = torch.load(ckpt, map_location="cpu", weights_only=True)
     meta = trained["flexdit"]
     card = {
