@@ -28,6 +28,11 @@ TINY = ["+experiment=mnist_pretrain", "model.hidden_size=32", "model.depth=1", "
         "objective.lr_scheduler.warmup_steps=10", "objective.ema_decay=0.9", "logger=csv", "seed=5"]
 
 
+# The digits as a user's WebDataset image shards (3 channels, the ImageNet reader), for tests on that path.
+SHARD_DATA = ["data=imagenet_wds", "data.val_shards=null", "data.image_size=32", "data.input_size=32",
+              "data.num_classes=10", "data.random_flip=true", "data.shuffle_buffer=200"]
+
+
 def launch(args: list[str], cwd: Path, cache: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FLEXDIT_DATA_CACHE": str(cache)}
     return subprocess.Popen([sys.executable, "-m", "flexdit_train", *args], cwd=cwd, env=env, start_new_session=True,
@@ -63,27 +68,30 @@ def state(path: Path) -> tuple[dict, list]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_five_random_sigkills_mid_epoch_leave_the_final_state_of_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("data, kills", [("digits", 5), ("shards", 3)])
+def test_random_sigkills_mid_epoch_leave_the_final_state_of_an_uninterrupted_run(data, kills, digit_shards, tmp_path):
+    """The bundled digits (their own data module) and the same digits read as a user's WebDataset shards."""
     cache = tmp_path / "cache"
-    reference = launch([*TINY, "run_name=uninterrupted"], tmp_path, cache)
+    args = TINY if data == "digits" else [*TINY, *SHARD_DATA, f"data.train_shards={digit_shards / 'train.json'}"]
+    reference = launch([*args, "run_name=uninterrupted"], tmp_path, cache)
     out, _ = reference.communicate(timeout=600)
     assert reference.returncode == 0, out[-3000:]
     runs = tmp_path / "outputs" / "mnist_pretrain" / "runs"
 
     rng = random.Random(20261202)
-    command = [*TINY, "run_name=preempted"]
+    command = [*args, "run_name=preempted"]
     run_dir = runs / "preempted"
-    kills = []
-    while len(kills) < 5:
+    killed = []
+    while len(killed) < kills:
         # wait for the first or second checkpoint after the resumed one (every 7 steps, an epoch every 10),
         # then kill at a random moment before the next
         resumed = max(checkpoint_steps(run_dir), default=0) if run_dir.exists() else 0
         proc = launch(command, tmp_path, cache)
         if not kill_after(proc, run_dir, resumed + rng.randint(1, 14), delay=rng.uniform(0.0, 0.25)):
             break
-        kills.append(max(checkpoint_steps(run_dir)))
-    assert len(kills) == 5, kills
-    assert any(s % 10 for s in kills) and kills[-1] < 100, kills  # resumed from checkpoints that fall mid-epoch
+        killed.append(max(checkpoint_steps(run_dir)))
+    assert len(killed) == kills, killed
+    assert any(s % 10 for s in killed) and killed[-1] < 100, killed  # resumed from checkpoints that fall mid-epoch
     final = launch(command, tmp_path, cache)
     out, _ = final.communicate(timeout=600)
     assert final.returncode == 0, out[-3000:]
@@ -93,7 +101,7 @@ def test_five_random_sigkills_mid_epoch_leave_the_final_state_of_an_uninterrupte
     got, got_opt = state(run_dir / "checkpoints" / "final.ckpt")
     assert set(got) == set(expected)
     for key in expected:  # model and EMA
-        assert torch.allclose(got[key], expected[key], rtol=0, atol=1e-6), (key, kills)
+        assert torch.allclose(got[key], expected[key], rtol=0, atol=1e-6), (key, killed)
     for a, b in zip(expected_opt[0]["state"].values(), got_opt[0]["state"].values()):
         assert a["step"] == b["step"]
         assert torch.allclose(a["exp_avg"], b["exp_avg"], rtol=0, atol=1e-6)
@@ -101,8 +109,7 @@ def test_five_random_sigkills_mid_epoch_leave_the_final_state_of_an_uninterrupte
 
 
 # ------------------------------------------------------------------------------------------- damaged data
-SHARDS = ["data=imagenet_wds", "data.val_shards=null", "data.image_size=32", "data.input_size=32",
-          "data.num_classes=10", "data.num_workers=2", "data.global_batch_size=16", "data.shuffle_buffer=200",
+SHARDS = [*SHARD_DATA, "data.num_workers=2", "data.global_batch_size=16",
           "data.steps_per_epoch=20", "model.hidden_size=32", "model.depth=1", "model.num_heads=2",
           "callbacks.sample_grid=null", "callbacks.progress_bar=null", "callbacks.data_skips.every_n_steps=5",
           "callbacks.data_skips.min_samples=200", "logger=csv"]
@@ -195,3 +202,31 @@ def test_mostly_broken_data_stops_the_run_with_one_line(digit_shards, tmp_path):
     assert re.search(r"\d+\.\d% of the training samples were lost \(\d+ of \d+\), above max_skip_rate=1\.0%",
                      result.stderr), result.stderr[-3000:]
     assert "shards verify" in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_full_disk_during_a_checkpoint_write_leaves_the_previous_one_and_the_run_resumable(tmp_path):
+    cache = tmp_path / "cache"
+    short = [*TINY, "trainer.max_steps=30"]
+    reference = launch([*short, "run_name=uninterrupted"], tmp_path, cache)
+    out, _ = reference.communicate(timeout=600)
+    assert reference.returncode == 0, out[-3000:]
+    run_dir = tmp_path / "outputs" / "mnist_pretrain" / "runs" / "full"
+    full_disk = "trainer.plugins=[{_target_: helpers.disk.FullDiskAt, at_step: 14}]"
+    env_tests = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    failed = subprocess.run([sys.executable, "-m", "flexdit_train", *short, "run_name=full", full_disk], cwd=tmp_path,
+                            env={**env_tests, "OMP_NUM_THREADS": "1", "FLEXDIT_DATA_CACHE": str(cache)},
+                            capture_output=True, text=True, timeout=600)
+    assert failed.returncode == 2, failed.stderr[-3000:]
+    assert re.search(r"^error: no space left on device while writing \S+step_0000014", failed.stderr, re.M), failed.stderr
+    assert checkpoint_steps(run_dir) == [7]  # the previous checkpoint, whole, and no half-written one
+    assert not list((run_dir / "checkpoints").glob(".*tmp*")) and not (run_dir / "checkpoints" / "final.ckpt").exists()
+    torch.load(run_dir / "checkpoints" / "step_0000007.ckpt", map_location="cpu", weights_only=True)
+    resumed = launch([*short, "run_name=full"], tmp_path, cache)  # space freed: the same command again
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0 and "step_0000007.ckpt" in out, out[-3000:]
+    expected, _ = state(tmp_path / "outputs" / "mnist_pretrain" / "runs" / "uninterrupted" / "checkpoints" / "final.ckpt")
+    got, _ = state(run_dir / "checkpoints" / "final.ckpt")
+    for key in expected:
+        assert torch.allclose(got[key], expected[key], rtol=0, atol=1e-6), key

@@ -3,7 +3,7 @@ traceback.
 
 User errors are the ones this project raises for bad input, with a message that names the cause and the fix:
 ``ValueError`` (and its subclasses :class:`UserError`, ``CheckpointError``), missing files, a mandatory config
-value left unset, and Hydra's wrapper around any of these. The app prints ``error: <message>`` on stderr and
+value left unset, and Hydra's wrapper around any of these; a full disk is the user's to fix too. The app prints ``error: <message>`` on stderr and
 exits with status 2; the full traceback goes to the run's log file, and to the console when
 ``HYDRA_FULL_ERROR=1`` or ``FLEXDIT_VERBOSE=1`` is set (or ``--verbose`` for the argparse apps). Every other
 exception is unexpected and propagates with its traceback.
@@ -11,6 +11,7 @@ exception is unexpected and propagates with its traceback.
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -57,6 +58,10 @@ def user_message(err: BaseException) -> str | None:
     if isinstance(err, MissingMandatoryValue):
         key = getattr(err, "full_key", None) or "a required value"
         return f"{key} is required and has no default: pass {key}=..."
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        where = f" while writing {err.filename}" if err.filename else ""
+        return (f"no space left on device{where}; the files written before are intact: free space and rerun the "
+                "same command to resume")
     if isinstance(err, FileNotFoundError):
         name = err.filename or str(err)
         return f"{name}: no such file or directory; check the path" if err.filename else str(err)
