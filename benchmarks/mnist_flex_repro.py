@@ -125,7 +125,11 @@ def stats_by(rows: list[dict], metric: str) -> dict[tuple, dict]:
 
 def verdicts(stats: dict, metric: str, ckpts: dict[str, Path], args: argparse.Namespace) -> dict:
     """Claims 1-3 (DDIM-50) and the DDPM-250 comparisons, with every number behind them."""
-    get = lambda name, budget, steps="ddim50": stats.get((str(ckpts[name]), budget, steps))
+    def get(name: str, budget: str, steps: str = "ddim50"):
+        if name == "lora" and budget == "target_1.0":  # not sampled: LoRA's native path is the teacher itself
+            name, budget = "teacher", "static"
+        return stats.get((str(ckpts[name]), budget, steps)) if name in ckpts else None
+
     teacher, control = get("teacher", "static"), get("control", "static")
     reference = better(teacher, control, metric) if control is not None else teacher
     ref_name = "control" if reference is control else "teacher"
@@ -181,6 +185,10 @@ def main() -> int:
     parser.add_argument("--ddpm-fractions", type=float, nargs="*", default=[1.0, 0.6],
                         help="fractions also sampled with DDPM-250 (the teacher at 100%% always)")
     parser.add_argument("--convergence", action="store_true", help="also train the teacher recipe for 1.5x steps")
+    parser.add_argument("--convergence-checkpoint", type=Path, default=None,
+                        help="an already trained 1.5x-steps teacher run's final.ckpt, instead of training it here")
+    parser.add_argument("--no-control", dest="control", action="store_false",
+                        help="skip the matched control (e.g. while the shared recipe is still being chosen)")
     parser.add_argument("--lora", nargs="*", default=[], help="extra overrides of the LoRA flexify run")
     parser.add_argument("--shared", nargs="*", default=[], help="extra overrides of the shared flexify and control runs")
     parser.add_argument("--batch-size", type=int, default=500)
@@ -195,27 +203,30 @@ def main() -> int:
     card = json.loads(teacher.with_suffix(".json").read_text()) if teacher.with_suffix(".json").exists() else {}
     ckpts: dict[str, Path] = {"teacher": teacher}
     pretrained = f"model.pretrained={teacher}"
-    ckpts["control"] = train("control", ["+experiment=mnist_control", pretrained, *args.shared], run_dir, args.threads)
-    for mode in args.modes:
+    evaluate = Evaluator(args, run_dir)
+    evaluate("teacher", teacher, "ddim50")
+    for mode in args.modes:  # cheapest first: every flexible setting with DDIM-50
         extra = args.lora if mode == "lora" else args.shared
         ckpts[mode] = train(mode, [f"+experiment={EXPERIMENTS[mode]}", pretrained, *extra], run_dir, args.threads)
-    if args.convergence:
-        steps = int(card.get("steps", 12000) * 1.5)
-        ckpts["teacher_x1.5"] = train("teacher_x1.5", ["+experiment=mnist_pretrain", f"trainer.max_steps={steps}"],
-                                      run_dir, args.threads)
-
-    evaluate = Evaluator(args, run_dir)
-    for name in ("teacher", "control", "teacher_x1.5"):
-        if name in ckpts:
-            evaluate(name, ckpts[name], "ddim50")
-    evaluate("teacher", ckpts["teacher"], "250")
-    for mode in args.modes:
         for f in args.fractions:
-            evaluate(mode, ckpts[mode], "ddim50", f)
+            if not (mode == "lora" and f == 1.0):  # LoRA's native path is the teacher, bit for bit: its row
+                evaluate(mode, ckpts[mode], "ddim50", f)
             if f < 1.0:
                 evaluate(mode, ckpts[mode], "ddim50", f, weak_last=True)
+    if args.control:
+        ckpts["control"] = train("control", ["+experiment=mnist_control", pretrained, *args.shared], run_dir,
+                                 args.threads)
+        evaluate("control", ckpts["control"], "ddim50")
+    if args.convergence or args.convergence_checkpoint:
+        steps = int(card.get("steps", 12000) * 1.5)
+        ckpts["teacher_x1.5"] = args.convergence_checkpoint.resolve() if args.convergence_checkpoint else train(
+            "teacher_x1.5", ["+experiment=mnist_pretrain", f"trainer.max_steps={steps}"], run_dir, args.threads)
+        evaluate("teacher_x1.5", ckpts["teacher_x1.5"], "ddim50")
+    evaluate("teacher", teacher, "250")  # the paper's sampler, last: 5x the cost of DDIM-50
+    for mode in args.modes:
         for f in args.ddpm_fractions:
-            evaluate(mode, ckpts[mode], "250", f)
+            if not (mode == "lora" and f == 1.0):
+                evaluate(mode, ckpts[mode], "250", f)
 
     rows = read_table(run_dir / "results.csv")
     metric = metric_column(rows)
