@@ -106,13 +106,18 @@ class PIResized(nn.Module):
         return self._matrices[key]
 
     def resize(self, patch_size: Hashable) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weight, bias) at ``patch_size``, differentiable w.r.t. the underlying parameters."""
+        """(weight, bias) at ``patch_size``, differentiable w.r.t. the underlying parameters.
+
+        Always computed in (at least) fp32, also under bf16 autocast: autocast would run the projection
+        einsum in bf16 and round the PI-resized kernels; the conv / linear that use them still autocast.
+        """
         q = self.matrix(patch_size)
-        if self.kind == "embed":
-            weight = project_kernel(self.weight.to(q.dtype), q, self._dims[patch_size])  # (D, C_in, *p)
-            return weight.to(self.weight.dtype), self.bias
-        weight = project_head(self.weight.to(q.dtype), q)  # (prod p·C_out, D)
-        bias = project_head(self.bias.to(q.dtype), q)  # (prod p·C_out,)
+        with torch.autocast(self.weight.device.type, enabled=False):
+            if self.kind == "embed":
+                weight = project_kernel(self.weight.to(q.dtype), q, self._dims[patch_size])  # (D, C_in, *p)
+                return weight.to(self.weight.dtype), self.bias
+            weight = project_head(self.weight.to(q.dtype), q)  # (prod p·C_out, D)
+            bias = project_head(self.bias.to(q.dtype), q)  # (prod p·C_out,)
         return weight.to(self.weight.dtype), bias.to(self.bias.dtype)
 
     def forward(self, patch_size: Hashable) -> tuple[torch.Tensor, torch.Tensor]:
