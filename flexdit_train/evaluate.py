@@ -103,7 +103,9 @@ def sample_step(cfg: DictConfig, device: torch.device, rank: int, world: int) ->
     card.update({
         "preset": ev.name,
         "seeds": seed_protocol(num_samples, ev.labels),
-        "precision": {"dtype": "float32", "tf32": bool(cfg.allow_tf32) and device.type == "cuda",
+        "precision": {"dtype": "bfloat16 autocast" if sampler.precision == "bf16" else "float32",
+                      "compiled": sampler.network is not sampler.model,
+                      "tf32": bool(cfg.allow_tf32) and device.type == "cuda",
                       "quantization": "clamp(127.5 x + 128, 0, 255) -> uint8"},
         "world_size": world,
     })

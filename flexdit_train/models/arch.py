@@ -131,7 +131,9 @@ def get_arch(name: str) -> Arch:
 
 
 def arch_of(model: nn.Module) -> Arch:
-    """The family of a static or flexible network (flexible classes subclass the static ones)."""
+    """The family of a static or flexible network (flexible classes subclass the static ones), also inside a
+    ``torch.compile`` wrapper."""
+    model = getattr(model, "_orig_mod", model)
     for arch in ARCHS.values():
         if isinstance(model, (arch.static, arch.flexible)):
             return arch

@@ -9,6 +9,7 @@ conditioned on class labels (``y``) or caption embeddings (``text_emb``, ``text_
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -127,12 +128,17 @@ def text_condition(
     return {"text_emb": emb[rows], "text_mask": mask[rows]}, [captions[i] for i in rows.tolist()]
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
 @dataclass
 class Sampler:
     """A network ready to sample under a budget: its diffusion, schedule, cost model, guidance and decoder.
 
     ``decode`` maps model-space samples to images in [-1, 1] (latent models: :func:`latent_decoder`);
-    None for pixel-space models.
+    None for pixel-space models. ``network`` is what runs the steps: ``model`` itself, or its
+    ``torch.compile`` wrapper (one graph per patch size, reused across steps); ``precision`` "bf16" runs
+    it under bf16 autocast (GPUs), the diffusion arithmetic staying fp32.
     """
 
     model: nn.Module
@@ -145,6 +151,14 @@ class Sampler:
     guide_all_channels: bool | None = None
     clip_denoised: bool = False
     decode: Any = None
+    network: nn.Module | None = None
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} is not one of {PRECISIONS}")
+        if self.network is None:
+            self.network = self.model
 
     @classmethod
     def for_model(
@@ -199,12 +213,16 @@ class Sampler:
         merge_lora: bool = True,
         vae: str | None = None,
         latent_scale_factor: float = 0.18215,
+        compile: bool = False,
+        precision: str = "fp32",
         **options: Any,
     ) -> Sampler:
         """Load a checkpoint onto ``device`` and build its sampler (``options``: :meth:`for_model`'s).
 
         With ``merge_lora`` a LoRA model gets merged copies of its weak-step weights (no FLOPs overhead;
         a second copy of the block weights, so only when weak steps run); ``vae`` is a local AutoencoderKL.
+        ``compile`` wraps the network in ``torch.compile`` after merging; ``precision`` "bf16" samples under
+        bf16 autocast.
         """
         model = from_pretrained(checkpoint, prefer_ema=use_ema).to(device).eval()
         lora_merged = bool(merge_lora) and (getattr(model, "flex_config", None) or {}).get("mode") == "lora"
@@ -213,7 +231,8 @@ class Sampler:
         weak_steps = [p for p in sampler.schedule.patch_sizes if p != model.native_patch_size]
         if lora_merged and weak_steps:  # a two-patch schedule: one weak patch
             model.merge_lora(weak_steps[0])  # after .to(device): merged copies do not follow moves
-        return sampler
+        network = torch.compile(model) if compile else model  # after merging: the merged weights are what runs
+        return dataclasses.replace(sampler, network=network, precision=precision)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], knobs: Mapping[str, Any], device: torch.device) -> Sampler:
@@ -226,27 +245,30 @@ class Sampler:
             latent_scale_factor=knobs["latent_scale_factor"], weak_patch_size=cfg["weak_patch_size"],
             weak_guidance=knobs["weak_guidance_scale"], guidance=knobs["guidance"],
             guide_all_channels=knobs["guide_all_channels"], clip_denoised=knobs["clip_denoised"],
+            compile=bool(cfg.get("compile", False)), precision=str(cfg.get("precision", "fp32")),
         )
 
     def generate(self, condition: torch.Tensor | Mapping[str, torch.Tensor], seed: int, indices: Sequence[int],
                  progress: bool = False) -> torch.Tensor:
         """Samples (N, C, H, W) or (N, C, F, H, W) for the global ``indices``, decoded to images when the
         sampler has a decoder; one batch, ``condition`` holding one row per index."""
-        out = generate(
-            self.model,
-            self.diffusion,
-            condition,
-            seed,
-            indices,
-            cond_patch_sizes=self.schedule.cond_patch_sizes,
-            guidance_patch_sizes=self.schedule.guidance_patch_sizes,
-            cfg_scale=self.cfg_scale,
-            guidance=self.guidance,
-            weak_scale=self.weak_scale,
-            guide_all_channels=self.guide_all_channels,
-            clip_denoised=self.clip_denoised,
-            progress=progress,
-        )  # model space
+        device = next(self.model.parameters()).device
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            out = generate(
+                self.network,
+                self.diffusion,
+                condition,
+                seed,
+                indices,
+                cond_patch_sizes=self.schedule.cond_patch_sizes,
+                guidance_patch_sizes=self.schedule.guidance_patch_sizes,
+                cfg_scale=self.cfg_scale,
+                guidance=self.guidance,
+                weak_scale=self.weak_scale,
+                guide_all_channels=self.guide_all_channels,
+                clip_denoised=self.clip_denoised,
+                progress=progress,
+            ).float()  # model space
         return self.decode(out) if self.decode is not None else out
 
     def sample_images(self, condition: torch.Tensor | Mapping[str, torch.Tensor], seed: int, indices: list[int],
