@@ -222,7 +222,8 @@ def main() -> int:
         ckpts["teacher_x1.5"] = args.convergence_checkpoint.resolve() if args.convergence_checkpoint else train(
             "teacher_x1.5", ["+experiment=mnist_pretrain", f"trainer.max_steps={steps}"], run_dir, args.threads)
         evaluate("teacher_x1.5", ckpts["teacher_x1.5"], "ddim50")
-    evaluate("teacher", teacher, "250")  # the paper's sampler, last: 5x the cost of DDIM-50
+    if args.ddpm_fractions:  # the paper's sampler, last: 5x the cost of DDIM-50
+        evaluate("teacher", teacher, "250")
     for mode in args.modes:
         for f in args.ddpm_fractions:
             if not (mode == "lora" and f == 1.0):

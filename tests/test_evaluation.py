@@ -504,7 +504,7 @@ def test_eval_card_carries_every_knob_and_the_schedule_compute_fraction(sweep):
         assert card["diffusion_process"]["prediction"] == "epsilon"  # the sweep's checkpoint records none: DiT's
         assert card["metric_backend"]["name"] == "torch-fidelity" and card["metric_backend"]["version"]
         assert card["metric_backend"]["extractor"]["name"] == MNIST_EXTRACTOR
-        assert card["reference"]["source"] == "mnist:train" and len(card["reference"]["sha256"]) == 64
+        assert card["reference"]["source"] == "mnist:val" and len(card["reference"]["sha256"]) == 64
         assert set(card["metrics"]) == {"fid40", "isc", "isc_std", "kid", "kid_std", "precision", "recall",
                                         "mnist_accuracy"}
         assert (sweep_dir / job / "grid.png").exists()

@@ -180,9 +180,11 @@ def test_text_embeddings_keep_the_samples_add_states_and_resume(embedded, captio
     assert shards_main(argv) == 0  # a rerun resumes: nothing left to encode
     assert "0 of 2 shards (2 already done)" in capsys.readouterr().out
     assert [p.stat().st_mtime_ns for p in shards] == stamps
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(SystemExit) as err:  # a user error: one line on stderr, exit 2
         shards_main([*argv[:-1], "16"])
-    assert f"encoded with encoder {tiny_encoder.name!r} and --max-length 8" in one_line(err)
+    assert err.value.code == 2
+    stderr = capsys.readouterr().err.strip().splitlines()
+    assert len(stderr) == 1 and f"encoded with encoder {tiny_encoder.name!r} and --max-length 8" in stderr[0]
 
 
 def test_an_embedded_set_re_encodes_with_another_length(embedded, tmp_path, tiny_encoder):

@@ -75,7 +75,7 @@ def _log_to_files(err: BaseException) -> list[str]:
     paths = []
     record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "error: %s", (err,), (type(err), err, err.__traceback__))
     for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
+        if isinstance(handler, logging.FileHandler) and handler.baseFilename != os.devnull:
             handler.handle(record)
             paths.append(handler.baseFilename)
     return paths
