@@ -175,6 +175,33 @@ def test_bad_flow_settings_are_one_line_errors():
             create_flow(**kwargs)
 
 
+def test_flex_objectives_train_under_flow(monkeypatch):
+    """Distillation noises with the flow and feeds the network its times (1000 t, with the data loss too);
+    the shared objective's MMD loss, which walks DDIM chains, is refused under flow in one line."""
+    from functools import partial
+
+    from helpers.models import pretrained_like
+
+    from flexdit_train.models.flex import flexify
+    from flexdit_train.training.flex_objectives import DistillModule, FlexSharedModule
+
+    adamw = partial(torch.optim.AdamW, lr=1e-3)
+    model = flexify(pretrained_like(), patch_sizes=(2, 4), mode="lora", lora_rank=2)
+    calls = record_calls(model, monkeypatch)
+    module = DistillModule(model, create_flow(time_sampling="logit_normal"), adamw, teacher="self",
+                           data_loss_weight=0.5, timestep_ranges={4: [0.5, 1.0]})
+    torch.manual_seed(0)
+    t, terms = module.compute_losses({"x": torch.randn(6, 4, 8, 8), "y": torch.randint(0, 5, (6,))}, 4)
+    assert t.dtype == torch.float32 and float(t.min()) >= 0.5 and float(t.max()) <= 1.0
+    assert [p for _, p in calls] == [2, 4, 4]  # teacher, student, the student's data loss
+    assert all(torch.equal(network_t, 1000 * t) for network_t, _ in calls)
+    assert terms["loss"].shape == (6,) and torch.isfinite(terms["loss"]).all() and "data" in terms
+    shared = flexify(pretrained_like(), patch_sizes=(2, 4), mode="shared")
+    with pytest.raises(ValueError, match="with process=flow set objective.mmd.weight=0"):
+        FlexSharedModule(shared, create_flow(), adamw, mmd={"weight": 1.0})
+    assert FlexSharedModule(shared, create_flow(), adamw, mmd={"weight": 0.0}) is not None
+
+
 ############################################################################
 #                      Process record and sampler choice                   #
 ############################################################################
@@ -230,18 +257,19 @@ def compose_train(overrides: list[str], output_dir: Path):
     return cfg
 
 
-def record_patch_sizes(model: nn.Module, monkeypatch) -> list:
-    """The patch size of every call of ``model`` from now on."""
-    seen, forward = [], model.forward
+def record_calls(model: nn.Module, monkeypatch) -> list[tuple[torch.Tensor, object]]:
+    """(timesteps, patch size) of every call of ``model`` from now on."""
+    calls, forward = [], model.forward
 
-    def recording_forward(x, t, **cond):
-        seen.append(cond["patch_size"])
-        return forward(x, t, **cond)
+    def recording_forward(x, t, *args, **cond):
+        calls.append((t, cond.get("patch_size")))
+        return forward(x, t, *args, **cond)
 
     monkeypatch.setattr(model, "forward", recording_forward)
-    return seen
+    return calls
 
 
+@pytest.mark.slow
 def test_tiny_flexible_dit_trains_records_and_samples_with_flow(tmp_path, monkeypatch):
     from flexdit_train.train import run
 
@@ -261,18 +289,20 @@ def test_tiny_flexible_dit_trains_records_and_samples_with_flow(tmp_path, monkey
               "powerful_fraction_guidance": 0.5}
     sampler = Sampler.from_checkpoint(str(final), budget=budget, steps="euler4", cfg=1.5, device=torch.device("cpu"))
     assert isinstance(sampler.diffusion, FlowMatching) and sampler.diffusion.default_sample_method == "euler"
-    patch_sizes = record_patch_sizes(sampler.model, monkeypatch)
+    calls = record_calls(sampler.model, monkeypatch)
     images = sampler.generate(torch.tensor([1, 2]), seed=0, indices=[0, 1])
     assert images.shape == (2, 4, 8, 8) and torch.isfinite(images).all()
     # weak_last_50 over 4 Euler steps with CFG: 2 native steps (one doubled batch each), then 2 weak steps
     # (conditional and guidance branch both weak: one doubled batch each).
-    assert patch_sizes == [2, 2, 4, 4]
+    assert [p for _, p in calls] == [2, 2, 4, 4]
 
     # Heun: 3 steps, 5 evaluations, each corrector at the next grid point's (here native) patch size.
     heun = Sampler.from_checkpoint(str(final), budget={"name": "static", "mode": "static"}, steps="heun3", cfg=1.0,
                                    device=torch.device("cpu"))
-    patch_sizes = record_patch_sizes(heun.model, monkeypatch)
-    assert torch.isfinite(heun.generate(torch.tensor([3]), seed=0, indices=[0])).all() and patch_sizes == [2] * 5
+    calls = record_calls(heun.model, monkeypatch)
+    assert torch.isfinite(heun.generate(torch.tensor([3]), seed=0, indices=[0])).all()
+    assert [p for _, p in calls] == [2] * 5
+    assert [float(t[0]) for t, _ in calls] == pytest.approx([1000, 2000 / 3, 2000 / 3, 1000 / 3, 1000 / 3])
 
     with pytest.raises(ValueError) as err:
         Sampler.from_checkpoint(str(final), budget=budget, steps="ddim4", cfg=1.0, device=torch.device("cpu"))
@@ -291,3 +321,18 @@ def test_ddpm_checkpoint_refuses_flow_samplers(tmp_path):
     message = str(err.value)
     assert "trained with Gaussian diffusion (DDPM)" in message and "sampling_steps=ddim50" in message
     assert "\n" not in message
+
+
+@pytest.mark.slow
+def test_mnist_flow_pretrain_composes_and_runs_two_steps(tmp_path, monkeypatch):
+    from flexdit_train.train import run
+
+    monkeypatch.setenv("FLEXDIT_DATA_CACHE", str(tmp_path / "data_cache"))
+    cfg = compose_train(["+experiment=mnist_flow_pretrain", "trainer.max_steps=2", "logger=csv",
+                         "model.hidden_size=32", "model.depth=1", "model.num_heads=2", "data.global_batch_size=4",
+                         "data.num_workers=0", "callbacks.sample_grid.num_images=2",
+                         "callbacks.sample_grid.sampling_steps=euler2"], tmp_path)
+    assert cfg.task_name == "mnist_flow_pretrain" and cfg.objective.diffusion.prediction == "velocity"
+    run(cfg)
+    meta = torch.load(tmp_path / "checkpoints" / "final.ckpt", map_location="cpu", weights_only=True)["flexdit"]
+    assert meta["diffusion"]["kind"] == "flow" and meta["model_config"]["learn_sigma"] is False

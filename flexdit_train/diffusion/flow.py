@@ -285,8 +285,8 @@ def create_flow(
     """The flow-matching process of ``conf/process/flow.yaml`` (for training; samplers come from
     :func:`sampling_flow`). ``prediction`` is always "velocity": named so configs and checkpoints say it."""
     if prediction != "velocity":
-        raise ValueError(f"flow matching predicts the velocity; prediction={prediction!r} is not supported: "
-                         "set objective.diffusion.prediction=velocity")
+        raise ValueError(f"flow matching predicts the velocity, not prediction={prediction!r} (a Gaussian-diffusion "
+                         "setting, e.g. from an mnist experiment): set objective.diffusion.prediction=velocity")
     return FlowMatching(interpolant, time_sampling, logit_mean, logit_std)
 
 
