@@ -232,6 +232,7 @@ class FlowMatching:
 
         ``model(x, t, **cond)`` gets the network times of :attr:`timestep_map`, one per grid point, so a
         :class:`~flexdit_train.sampling.guidance.ScheduledDenoiser` picks each step's patch sizes and guidance.
+        Budget schedules and sampling cards count one evaluation per grid point, which Heun's 2K - 1 exceed.
         """
         method = method or self.default_sample_method
         if method not in FLOW_SAMPLE_METHODS:
