@@ -130,14 +130,10 @@ class GaussianDiffusion:
         (fractions of the chain, at least one step wide; a patch size's ``timestep_ranges``)."""
         if within is None:
             return randint(self.num_timesteps, n, generator, device)
-        first, last = self.step_range(*within)
-        return torch.randint(first, last, (n,), device=device)
-
-    def step_range(self, lo: float, hi: float) -> tuple[int, int]:
-        """[first, last) step indices of the chain fractions [lo, hi], at least one step wide."""
+        lo, hi = within
         first = int(round(lo * self.num_timesteps))
-        last = max(int(round(hi * self.num_timesteps)), first + 1)
-        return first, min(last, self.num_timesteps)
+        last = min(max(int(round(hi * self.num_timesteps)), first + 1), self.num_timesteps)
+        return torch.randint(first, last, (n,), device=device)
 
     def network_time(self, t: torch.Tensor) -> torch.Tensor:
         """(N,) step indices -> the original timesteps the network was trained on."""

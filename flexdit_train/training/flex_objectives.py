@@ -84,7 +84,10 @@ class TimestepRanges:
 
     def sample(self, diffusion, n: int, device, patch: Patch | None) -> torch.Tensor:
         """(n,) training times for a batch at ``patch``."""
-        return diffusion.sample_timesteps(n, device, within=self.ranges.get(patch))
+        bounds = self.ranges.get(patch)
+        if bounds is None:  # the process's own draw: a custom process need not know ``within``
+            return diffusion.sample_timesteps(n, device)
+        return diffusion.sample_timesteps(n, device, within=bounds)
 
 
 class FlexSharedModule(DiffusionModule):
