@@ -65,8 +65,7 @@ class FlowMatching:
     ``time_sampling``: "uniform" t ~ U(0, 1), or "logit_normal" t = sigmoid(m + s n), n ~ N(0, 1)
     (``logit_mean`` m, ``logit_std`` s; SD3 trains with m = 0, s = 1, which favours the middle times).
     ``sample_method`` / ``num_steps``: the sampler ``sample`` runs by default (sampling instances are built
-    by :func:`sampling_flow` from a steps name). ``sde_diffusion_scale`` is the ``c`` of the SDE sampler's
-    diffusion coefficient w(t) = c sigma_t (see :meth:`sample`).
+    by :func:`sampling_flow` from a steps name).
     """
 
     def __init__(
@@ -77,7 +76,6 @@ class FlowMatching:
         logit_std: float = 1.0,
         sample_method: str = "euler",
         num_steps: int = 50,
-        sde_diffusion_scale: float = 1.0,
     ):
         if interpolant not in INTERPOLANTS:
             raise ValueError(f"unknown interpolant {interpolant!r}; use one of {', '.join(INTERPOLANTS)}")
@@ -89,15 +87,12 @@ class FlowMatching:
             raise ValueError(f"unknown flow sampler {sample_method!r}; use one of {', '.join(FLOW_SAMPLE_METHODS)}")
         if int(num_steps) < 1:
             raise ValueError(f"num_steps={num_steps} must be >= 1")
-        if sde_diffusion_scale < 0:
-            raise ValueError(f"sde_diffusion_scale={sde_diffusion_scale} must be >= 0")
         self.interpolant = interpolant
         self.time_sampling = time_sampling
         self.logit_mean = float(logit_mean)
         self.logit_std = float(logit_std)
         self.default_sample_method = sample_method
         self.num_steps = int(num_steps)
-        self.sde_diffusion_scale = float(sde_diffusion_scale)
         # Uniform grid from noise (t = 1) to data (t = 0); the network times are float32 once, so the values
         # the sampler passes are exactly the timestep_map entries the budget schedule is keyed by.
         self.times = np.linspace(1.0, 0.0, self.num_steps + 1)  # (K+1,) float64
@@ -225,9 +220,10 @@ class FlowMatching:
           EDM, it spares an evaluation at t = 0), so 2K - 1 evaluations. The corrector's evaluation at
           t_{i+1} runs at the patch size the budget schedule gives grid point i + 1.
         - "sde": Euler-Maruyama on the reverse-time SDE with the same marginals as the flow,
-          dx = [v - (w/2) score] dt + sqrt(w) dW (dt < 0), diffusion coefficient w(t) = c sigma_t
-          (``sde_diffusion_scale`` c). The score comes from the velocity, score = -E[eps | x_t] / sigma_t,
-          so w/2 score = -(c/2) E[eps | x_t] stays finite at t = 0. The last step adds no noise (it would
+          dx = [v - (w/2) score] dt + sqrt(w) dW (dt < 0), with the diffusion coefficient w(t) = sigma_t
+          (most noise where x_t is noisiest, none at the data): the score comes from the velocity,
+          score = -E[eps | x_t] / sigma_t, so
+          (w/2) score = -E[eps | x_t] / 2 stays finite at t = 0. The last step adds no noise (it would
           only blur x_0). K evaluations.
 
         ``model(x, t, **cond)`` gets the network times of :attr:`timestep_map`, one per grid point, so a
@@ -245,7 +241,7 @@ class FlowMatching:
             if method == "euler":
                 x = x + dt * velocity
             elif method == "heun":
-                predicted = x + dt * velocity
+                predicted = x + dt * velocity  # (N, C, ...) the Euler step
                 if i < last:
                     corrected = self._velocity(model, predicted, i + 1, cond, clip_denoised)
                     x = x + 0.5 * dt * (velocity + corrected)
@@ -254,10 +250,10 @@ class FlowMatching:
             else:
                 t = torch.full((x.shape[0],), float(self.times[i]), device=x.device)  # (N,)
                 _, eps = self.predictions(velocity, x, t)
-                x = x + dt * (velocity + 0.5 * self.sde_diffusion_scale * eps)
+                x = x + dt * (velocity + 0.5 * eps)
                 if i < last:
                     sigma = float(self.coefficients(torch.tensor(self.times[i]))[1])
-                    std = math.sqrt(self.sde_diffusion_scale * sigma * -dt)
+                    std = math.sqrt(sigma * -dt)  # sqrt(w |dt|)
                     x = x + std * randn(x.shape, generator, x.device, x.dtype)
         return x
 
