@@ -1,7 +1,8 @@
 """FlexiDiT's claim on the bundled MNIST digits, with a protocol that cannot flatter the flexible models.
 
     python benchmarks/mnist_flex_repro.py [--run-name NAME] [--modes lora shared] [--num-samples 2000]
-        [--seeds 0 1 2] [--fractions 1.0 0.8 0.7 0.6 0.5 0.4 0.3] [--ddpm-fractions 1.0 0.6]
+        [--seeds 0 1 2] [--fractions 1.0 0.8 0.7 0.6 0.5 0.4 0.3] [--weak-last-fractions F ...]
+        [--ddpm-fractions 1.0 0.6]
         [--convergence] [--json results.json] [--lora ARGS...] [--shared ARGS...]
 
 Starting from the shipped teacher (``flexdit_train/assets/mnist_dit_teacher.safetensors``, a converged
@@ -182,6 +183,8 @@ def main() -> int:
     parser.add_argument("--num-samples", type=int, default=2000, help="generated digits per setting and seed")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3])
+    parser.add_argument("--weak-last-fractions", type=float, nargs="*", default=None,
+                        help="fractions also sampled with the weak steps last (default: every fraction below 1.0)")
     parser.add_argument("--ddpm-fractions", type=float, nargs="*", default=[1.0, 0.6],
                         help="fractions also sampled with DDPM-250 (the teacher at 100%% always)")
     parser.add_argument("--convergence", action="store_true", help="also train the teacher recipe for 1.5x steps")
@@ -211,7 +214,7 @@ def main() -> int:
         for f in args.fractions:
             if not (mode == "lora" and f == 1.0):  # LoRA's native path is the teacher, bit for bit: its row
                 evaluate(mode, ckpts[mode], "ddim50", f)
-            if f < 1.0:
+            if f < 1.0 and (args.weak_last_fractions is None or f in args.weak_last_fractions):
                 evaluate(mode, ckpts[mode], "ddim50", f, weak_last=True)
     if args.control:
         ckpts["control"] = train("control", ["+experiment=mnist_control", pretrained, *args.shared], run_dir,
