@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flexdit_train.diffusion import create_diffusion
+from flexdit_train.diffusion import create_diffusion, create_flow
 from flexdit_train.models import DiT, export_safetensors, flexify
 
 MAX_LINES = 8
@@ -41,6 +41,9 @@ def files(tmp_path_factory) -> dict[str, Path]:
     static = DiT(input_size=32, patch_size=4, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=10)
     static.diffusion_process = create_diffusion("", prediction="v").process
     paths = {"static": export_safetensors(static, root / "static.safetensors")}
+    static.diffusion_process = create_flow().process
+    paths["flow"] = export_safetensors(static, root / "flow.safetensors")
+    static.diffusion_process = create_diffusion("", prediction="v").process
     flex = flexify(static, patch_sizes=(4, 8), mode="lora", lora_rank=2)
     paths["flex"] = export_safetensors(flex, root / "flex.safetensors")
     truncated = root / "truncated.pt"
@@ -76,6 +79,10 @@ CASES = [
     ("train-other-diffusion", "flexdit_train",
      ["+experiment=mnist_flex_lora", *TINY, "model.pretrained={static}", "objective.diffusion.prediction=epsilon"],
      r"trained with prediction=v", 2),
+    ("train-flow-from-ddpm", "flexdit_train",
+     ["+experiment=mnist_flex_lora", *TINY, "model.pretrained={static}", "process=flow",
+      "objective.diffusion.prediction=velocity"],
+     r"trained with kind=ddpm but the objective uses kind=flow: set process=ddpm", 2),
     ("train-skip-rate-range", "flexdit_train", [*TINY_TRAIN, "callbacks.data_skips.max_skip_rate=2"], r"max_skip_rate", 2),
     ("train-lr-schedule", "flexdit_train", [*TINY_TRAIN, "objective.lr_scheduler.decay=linear"], r"decay='linear'", 2),
     ("sample-no-checkpoint", "flexdit_train.sample", [], r"checkpoint is required", 2),
@@ -86,6 +93,10 @@ CASES = [
     ("sample-budget-on-static", "flexdit_train.sample", ["checkpoint={static}", "budget=paper_70_70"], r"weak patch", 2),
     ("sample-prompts-for-class-model", "flexdit_train.sample", ["checkpoint={static}", "prompts=[a cat]"], r"text models", 2),
     ("sample-bad-steps", "flexdit_train.sample", ["checkpoint={static}", "sampling_steps=fast"], r"fast", 2),
+    ("sample-flow-steps-for-ddpm", "flexdit_train.sample", ["checkpoint={static}", "sampling_steps=euler50"],
+     r"trained with Gaussian diffusion \(DDPM\).*sampling_steps=ddim50", 2),
+    ("sample-ddim-steps-for-flow", "flexdit_train.sample", ["checkpoint={flow}", "sampling_steps=ddim50"],
+     r"trained with flow matching.*sampling_steps=euler50", 2),
     ("evaluate-missing-inception", "flexdit_train.evaluate",
      ["checkpoint={static}", "eval=fid10k", "eval.inception_weights=/nope/inception.pth"], r"/nope/inception.pth", 2),
     ("evaluate-missing-reference", "flexdit_train.evaluate",

@@ -60,7 +60,7 @@ def test_mmd_chain_runs_weak_steps_first_and_trains_both_paths():
 
 
 def test_timestep_ranges_restrict_each_size_to_its_noise_levels():
-    ranges = TimestepRanges({4: [0.3, 1.0], 8: (0.0, 0.25)}, num_timesteps=1000)
+    ranges = TimestepRanges({4: [0.3, 1.0], 8: (0.0, 0.25)})
     diffusion = create_diffusion("")
     t4 = ranges.sample(diffusion, 5000, "cpu", 4)
     t8 = ranges.sample(diffusion, 5000, "cpu", 8)
@@ -70,7 +70,7 @@ def test_timestep_ranges_restrict_each_size_to_its_noise_levels():
     assert int(t2.min()) < 50 and int(t2.max()) > 950  # unlisted: the whole chain
     for bad in ([0.5, 0.5], [-0.1, 1.0], [0.2, 1.2]):
         with pytest.raises(ValueError, match="must satisfy 0 <= lo < hi <= 1"):
-            TimestepRanges({4: bad}, 1000)
+            TimestepRanges({4: bad})
 
 
 def test_shared_objective_scales_the_loss_of_a_size_and_rejects_unknown_sizes():

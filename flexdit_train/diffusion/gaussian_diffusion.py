@@ -123,10 +123,25 @@ class GaussianDiffusion:
     ##########################################################################
 
     def sample_timesteps(
-        self, n: int, device: torch.device | str, generator: Generators = None
+        self, n: int, device: torch.device | str, generator: Generators = None,
+        within: tuple[float, float] | None = None,
     ) -> torch.Tensor:
-        """(n,) int64 step indices uniform over [0, num_timesteps)."""
-        return randint(self.num_timesteps, n, generator, device)
+        """(n,) int64 step indices uniform over [0, num_timesteps), or over [lo·T, hi·T) for ``within=(lo, hi)``
+        (fractions of the chain, at least one step wide; a patch size's ``timestep_ranges``)."""
+        if within is None:
+            return randint(self.num_timesteps, n, generator, device)
+        lo, hi = within
+        first = int(round(lo * self.num_timesteps))
+        last = min(max(int(round(hi * self.num_timesteps)), first + 1), self.num_timesteps)
+        return torch.randint(first, last, (n,), device=device)
+
+    def network_time(self, t: torch.Tensor) -> torch.Tensor:
+        """(N,) step indices -> the original timesteps the network was trained on."""
+        return self._table("_timestep_map", t.device)[t]
+
+    def noise_quartile(self, t: torch.Tensor) -> torch.Tensor:
+        """(N,) 0..3: which quarter of the chain each step index lies in (0 = least noisy)."""
+        return (t * 4 // self.num_timesteps).clamp(max=3)
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Draw x_t ~ q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)."""
@@ -156,8 +171,7 @@ class GaussianDiffusion:
         self, model: ModelFn, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, Any] | None
     ) -> torch.Tensor:
         """Call the network with the ORIGINAL timesteps it was trained on (respaced chains map them back)."""
-        original_t = self._table("_timestep_map", t.device)[t]  # (N,)
-        return model(x_t, original_t, **(cond or {}))
+        return model(x_t, self.network_time(t), **(cond or {}))
 
     def _split_output(
         self, model_output: torch.Tensor, x_t: torch.Tensor

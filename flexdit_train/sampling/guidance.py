@@ -49,7 +49,7 @@ class ScheduledDenoiser(nn.Module):
     def __init__(
         self,
         model: nn.Module,
-        timestep_map: Sequence[int],
+        timestep_map: Sequence[float],
         cond_patch_sizes: Sequence[Any],
         guidance_patch_sizes: Sequence[Any] | None,
         cfg_scale: float = 1.0,
@@ -74,8 +74,9 @@ class ScheduledDenoiser(nn.Module):
                         f"one (patch {pc}); powerful guidance steps must be a subset of conditional ones"
                     )
         self.model = model
-        # Sampling visits respaced steps from the last (noisiest) to the first.
-        self.step_of_timestep = {int(timestep_map[steps - 1 - k]): k for k in range(steps)}
+        # Sampling visits respaced steps from the last (noisiest) to the first. Keys are floats: DDPM passes
+        # integer timesteps, flow matching the exact float32 network times of its grid (timestep_map entries).
+        self.step_of_timestep = {float(timestep_map[steps - 1 - k]): k for k in range(steps)}
         self.cond_patch_sizes = list(cond_patch_sizes)
         self.guidance_patch_sizes = None if cfg_scale == 1.0 or guidance_patch_sizes is None else list(guidance_patch_sizes)
         self.cfg_scale = cfg_scale
@@ -87,7 +88,7 @@ class ScheduledDenoiser(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, **cond) -> torch.Tensor:
         if y is not None:
             cond["y"] = y
-        k = self.step_of_timestep[int(t[0])]
+        k = self.step_of_timestep[float(t[0])]
         p_cond = self.cond_patch_sizes[k]
         if self.guidance_patch_sizes is None:
             return self.model(x, t, **cond, patch_size=p_cond)

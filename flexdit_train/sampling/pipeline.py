@@ -176,8 +176,10 @@ class Sampler:
         clip_denoised: bool = False,
         lora_merged: bool = False,
     ) -> Sampler:
-        """The sampler of ``model`` under a ``budget`` node (conf/budget/), ``steps`` (a respacing string:
-        "250", "ddim50"), CFG scale ``cfg`` and ``vae`` (a decoder from :func:`latent_decoder`, or None).
+        """The sampler of ``model`` under a ``budget`` node (conf/budget/), ``steps`` (a DDPM respacing string:
+        "250", "ddim50"; a flow sampler: "euler50", "heun25", "sde100"), CFG scale ``cfg`` and ``vae`` (a decoder
+        from :func:`latent_decoder`, or None). The budget schedule has one entry per step (per grid point of a
+        flow sampler: Heun's corrector runs at the next grid point's patch size).
 
         The weak patch is the budget's own ``weak_patch``, else ``weak_patch_size``, else the model's
         cheapest patch. ``lora_merged`` says the LoRA adapters will be merged for the weak steps, which

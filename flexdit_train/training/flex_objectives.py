@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flexdit_train.diffusion import process_mismatch
+from flexdit_train.diffusion import process_kind, process_mismatch
 from flexdit_train.models.dit import check_patch_divides
 from flexdit_train.models.loading import from_pretrained
 from flexdit_train.sampling.schedule import Patch, as_patch, patch_volume
@@ -65,13 +65,14 @@ def check_sizes_available(model: nn.Module, sizes, what: str) -> None:
 
 
 class TimestepRanges:
-    """The noise levels each patch size trains on: ``{patch: [lo, hi]}`` as fractions of the chain (0 = clean
-    data, 1 = pure noise); step indices are uniform in [lo·T, hi·T). Sizes not listed train on the whole
-    chain. A weak size that sampling schedules only use on the noisy start need not spend its training on
-    low-noise steps, where its coarse tokens cannot match the native prediction anyway."""
+    """The noise levels each patch size trains on: ``{patch: [lo, hi]}`` as fractions of the process (0 = clean
+    data, 1 = pure noise). The process draws the times (:meth:`sample_timesteps` with ``within``): DDPM step
+    indices uniform in [lo·T, hi·T), flow times from its distribution mapped onto [lo, hi]. Sizes not listed
+    train on the whole range. A weak size that sampling schedules only use on the noisy start need not spend
+    its training on low-noise steps, where its coarse tokens cannot match the native prediction anyway."""
 
-    def __init__(self, ranges: Mapping[Any, Any] | None, num_timesteps: int):
-        self.ranges: dict[Patch, tuple[int, int]] = {}
+    def __init__(self, ranges: Mapping[Any, Any] | None):
+        self.ranges: dict[Patch, tuple[float, float]] = {}
         for patch, bounds in (ranges or {}).items():
             lo, hi = (float(b) for b in bounds)
             if not 0.0 <= lo < hi <= 1.0:
@@ -79,16 +80,14 @@ class TimestepRanges:
                     f"timestep_ranges[{patch}] = {list(bounds)} must satisfy 0 <= lo < hi <= 1 "
                     "(fractions of the chain: 0 = clean, 1 = pure noise)"
                 )
-            first, last = int(round(lo * num_timesteps)), max(int(round(hi * num_timesteps)), int(round(lo * num_timesteps)) + 1)
-            self.ranges[as_patch(patch)] = (first, min(last, num_timesteps))
+            self.ranges[as_patch(patch)] = (lo, hi)
 
     def sample(self, diffusion, n: int, device, patch: Patch | None) -> torch.Tensor:
-        """(n,) step indices for a batch at ``patch``."""
+        """(n,) training times for a batch at ``patch``."""
         bounds = self.ranges.get(patch)
-        if bounds is None:
+        if bounds is None:  # the process's own draw: a custom process need not know ``within``
             return diffusion.sample_timesteps(n, device)
-        first, last = bounds
-        return torch.randint(first, last, (n,), device=device)
+        return diffusion.sample_timesteps(n, device, within=bounds)
 
 
 class FlexSharedModule(DiffusionModule):
@@ -115,9 +114,12 @@ class FlexSharedModule(DiffusionModule):
         self.patch_size_sampler = PatchSizeSampler(weights, self.seed)
         self.loss_weights = {as_patch(p): float(w) for p, w in (patch_size_loss_weights or {}).items()}
         check_sizes_available(self.model, self.loss_weights, "patch_size_loss_weights")
-        self.timestep_ranges = TimestepRanges(timestep_ranges, self.diffusion.num_timesteps)
+        self.timestep_ranges = TimestepRanges(timestep_ranges)
         check_sizes_available(self.model, self.timestep_ranges.ranges, "timestep_ranges")
         self.mmd = BootstrappedMMD(**dict(mmd or {}))
+        if self.mmd.weight > 0 and process_kind(getattr(self.diffusion, "process", None)) != "ddpm":
+            raise ValueError("the MMD loss walks DDIM chains of the Gaussian diffusion; with process=flow set "
+                             "objective.mmd.weight=0")
 
     def patch_size_for_step(self, step: int) -> Patch:
         return self.patch_size_sampler(step)
@@ -178,7 +180,7 @@ class DistillModule(DiffusionModule):
         self.label_dropout = float(self.model.config[self.arch.dropout_key])
         self.teacher_source = teacher
         self.teacher = self.build_teacher(teacher)
-        self.timestep_ranges = TimestepRanges(timestep_ranges, self.diffusion.num_timesteps)
+        self.timestep_ranges = TimestepRanges(timestep_ranges)
         check_sizes_available(self.model, self.timestep_ranges.ranges, "timestep_ranges")
 
     def build_teacher(self, teacher: str | None) -> nn.Module | None:
@@ -213,10 +215,10 @@ class DistillModule(DiffusionModule):
     def compute_losses(self, batch: dict, patch_size: Patch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x0 = batch["x"]  # (N, C, H, W) or video (N, C, F, H, W)
         n = x0.shape[0]
-        t = self.sample_timesteps(n, x0.device, patch_size)  # (N,) indices into the (possibly respaced) process
+        t = self.sample_timesteps(n, x0.device, patch_size)  # (N,) DDPM step indices or flow times
         noise = torch.randn_like(x0)
         x_t = self.diffusion.q_sample(x0, t, noise=noise)  # like x0
-        t_model = self.diffusion.timestep_map.to(t.device)[t]  # (N,) the original timesteps the net knows
+        t_model = self.diffusion.network_time(t)  # (N,) the timesteps the network was trained on
         drop = (torch.rand(n, device=x0.device) < self.label_dropout).long()  # (N,) 1 = null condition
         cond = {**self.model_cond(batch, None), "force_drop_ids": drop}
         teacher = self.model if self.teacher is None else self.teacher

@@ -121,7 +121,8 @@ class DiffusionModule(L.LightningModule):
         return cond
 
     def sample_timesteps(self, n: int, device: torch.device, patch_size: Any) -> torch.Tensor:
-        """(n,) training step indices of a batch at ``patch_size``; uniform over the chain by default."""
+        """(n,) training times of a batch at ``patch_size``, drawn by the process (DDPM: step indices uniform
+        over the chain; flow: t in [0, 1] from its time distribution)."""
         return self.diffusion.sample_timesteps(n, device)
 
     def compute_losses(self, batch: dict, patch_size: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -179,7 +180,7 @@ class DiffusionModule(L.LightningModule):
         Rank-0-only on purpose: quartiles missing from one rank's batch would desynchronise an
         all-reduce.
         """
-        quartile = (t * 4 // self.diffusion.num_timesteps).clamp(max=3)
+        quartile = self.diffusion.noise_quartile(t)  # (N,) 0..3
         for q in range(4):
             mask = quartile == q
             if mask.any():
