@@ -3,16 +3,11 @@ DiT trained, checkpointed and sampled with the flow process end to end."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
+from helpers.config import compose_train
 from torch import nn
 
-import flexdit_train
 from flexdit_train.diffusion import (
     FlowMatching,
     create_diffusion,
@@ -245,16 +240,6 @@ def test_process_mismatch_between_kinds_and_between_flows():
 SYNTHETIC = ["data=synthetic", "data.input_size=8", "data.in_channels=4", "data.num_classes=10",
              "data.global_batch_size=4"]
 TINY_MODEL = ["model.hidden_size=32", "model.depth=1", "model.num_heads=2", "model.patch_size=2"]
-
-
-def compose_train(overrides: list[str], output_dir: Path):
-    with initialize_config_dir(version_base="1.3", config_dir=flexdit_train.CONF_DIR):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(output_dir)
-        cfg.hydra.job.num = 0
-    HydraConfig.instance().set_config(cfg)
-    return cfg
 
 
 def record_calls(model: nn.Module, monkeypatch) -> list[tuple[torch.Tensor, object]]:

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.config import compose_train
 from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException
-from omegaconf import open_dict
 
 import flexdit_train
 from flexdit_train.diffusion import create_diffusion
@@ -41,16 +40,6 @@ def tiny_checkpoints(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def data_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("FLEXDIT_DATA_CACHE", str(tmp_path_factory.getbasetemp() / "data_cache"))
-
-
-def compose_train(overrides: list[str], output_dir: Path):
-    with initialize_config_dir(version_base="1.3", config_dir=flexdit_train.CONF_DIR):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(output_dir)
-        cfg.hydra.job.num = 0
-    HydraConfig.instance().set_config(cfg)
-    return cfg
 
 
 def experiment_overrides(name: str, ckpt: dict) -> list[str]:
