@@ -207,6 +207,19 @@ def pretrain_stage(cfg: DictConfig, run_dir: Path) -> Path:
     return ship_teacher(cfg, run_dir, pretrain_dir / "checkpoints" / "final.ckpt", command, seconds)
 
 
+def same_weights(model, weights: Path) -> bool:
+    """Whether ``weights`` (safetensors) holds exactly ``model``'s tensors, bit for bit."""
+    import torch
+    from safetensors.torch import load_file
+
+    from flexdit_train.models.loading import plain_state_dict
+
+    if not weights.exists():
+        return False
+    shipped, trained = load_file(str(weights)), plain_state_dict(model)
+    return shipped.keys() == trained.keys() and all(torch.equal(shipped[k], trained[k]) for k in trained)
+
+
 def ship_teacher(cfg: DictConfig, run_dir: Path, ckpt: Path, command: str, stage_seconds: float,
                  commit: str | None = None) -> Path:
     """Export a trained teacher's EMA weights to ``cfg.teacher``, score the exported file with the card protocol
@@ -218,6 +231,18 @@ def ship_teacher(cfg: DictConfig, run_dir: Path, ckpt: Path, command: str, stage
 
     teacher = Path(str(cfg.teacher))
     model = from_pretrained(ckpt)  # the EMA weights
+    card_path = teacher.with_suffix(".json")
+    if not cfg.rescore and card_path.exists() and same_weights(model, teacher):
+        # Identical tensors sample identical digits: the card's scores stand, and its provenance (the run that
+        # first made these weights) stays; the reproduction is recorded in the run directory.
+        record = {"reproduces": str(teacher), "bit_identical": True, "command": command, "commit": commit or git_commit(),
+                  "train_wall_clock_s": round(stage_seconds, 1),
+                  "train_threads": int(os.environ.get("OMP_NUM_THREADS", cfg.threads)),
+                  "card_evaluation": json.loads(card_path.read_text())["evaluation"]}
+        (run_dir / "reproduction.json").write_text(json.dumps(record, indent=2) + "\n")
+        print(f"the trained teacher is bit-identical to the shipped {teacher.name}: its card stands "
+              f"(pass rescore=true to score it again); record: {run_dir / 'reproduction.json'}")
+        return card_path
     export_safetensors(model, teacher)
     evaluate_sweep("evaluate teacher", cfg, run_dir, teacher, "static", None, "eval_teacher", list(cfg.teacher_evaluate))
     rows = [r for r in read_table(run_dir / "results.csv") if Path(str(r["checkpoint"])) == teacher]
@@ -252,7 +277,6 @@ def ship_teacher(cfg: DictConfig, run_dir: Path, ckpt: Path, command: str, stage
                     "python": platform.python_version(), "torch": torch.__version__},
         "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
-    card_path = teacher.with_suffix(".json")
     card_path.write_text(json.dumps(card, indent=2) + "\n")
     print(json.dumps(card["evaluation"], indent=2))
     return card_path

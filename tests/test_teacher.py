@@ -48,3 +48,18 @@ def test_the_mnist_flexify_experiments_start_from_the_shipped_teacher():
             assert cfg.objective.diffusion.prediction == "v"  # the teacher's process
         demo = compose("demo")
         assert Path(demo.teacher) == TEACHER
+
+
+def test_same_weights_tells_a_bit_identical_reproduction_from_a_different_one(tmp_path):
+    """`make pretrain` keeps the card only when the retrained teacher equals the shipped one bit for bit."""
+    from flexdit_train.demo import same_weights
+    from flexdit_train.models.loading import export_safetensors
+
+    model = from_pretrained(TEACHER)
+    copy = tmp_path / "teacher.safetensors"
+    assert not same_weights(model, copy)  # nothing shipped yet
+    export_safetensors(model, copy)
+    assert same_weights(model, copy)
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] += 1e-7  # one float, one ulp-sized change
+    assert not same_weights(model, copy)
