@@ -7,6 +7,7 @@ what the trainer counts its FLOPs with and what ``python -m flexdit_train.flops`
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -76,6 +77,20 @@ class CostModel:
     def __call__(self, patch: Any) -> int:
         """MACs of one forward at ``patch`` (DiT's "Gflops" x 1e9)."""
         return sum(self.breakdown(patch).values())
+
+    def block_macs(self, patch: Any) -> float:
+        """MACs of one transformer block at ``patch`` (the blocks' share of a forward over the depth): what a
+        block plan saves when it reuses or forecasts a block instead of computing it."""
+        shape = self.shape(patch)
+        no_blocks = dataclasses.replace(shape, depth=0)
+        blocks = sum(term(shape) - term(no_blocks) for term in self.terms.values())
+        return blocks / shape.depth
+
+    def forecast_macs(self, patch: Any, order: int) -> int:
+        """MACs of forecasting one block's delta with a polynomial of ``order`` through ``order + 1`` computed
+        deltas: ``order + 1`` multiply-adds per feature; reuse (order 0) is a plain add, like a residual, free."""
+        shape = self.shape(patch)
+        return 0 if order == 0 else (order + 1) * shape.tokens * shape.width
 
     def flops(self, patch: Any) -> int:
         """Hardware FLOPs (multiplies and adds counted separately) of one forward at ``patch``."""

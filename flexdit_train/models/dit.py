@@ -286,7 +286,12 @@ class PatchModel(nn.Module):
     ``_canonical_patch`` (user value -> the model's patch: an int or a per-axis tuple) and ``_patch_dims``
     (patch -> per-axis sizes). The hooks here serve the native patch only; a flexible model
     (:class:`flexdit_train.models.flex.FlexPatches`) overrides them, so one forward serves both.
+
+    ``block_cache`` is None except while a sampler executes a block plan
+    (:class:`flexdit_train.sampling.cache.BlockCache`): then each block is computed, reused or forecast.
     """
+
+    block_cache: Any = None
 
     def _init_settings(self, config: dict[str, Any], native_patch: Any) -> None:
         """Plain attributes from the config; a flexible model calls this too, then adopts the modules."""
@@ -373,8 +378,11 @@ class PatchModel(nn.Module):
         """x (N, T, D) through every block as ``block(x, *args)`` at ``patch_size``, checkpointed per block
         when training with ``grad_checkpointing``."""
         checkpointing = self.grad_checkpointing and self.training and torch.is_grad_enabled()
-        for block in self.blocks:
-            if checkpointing:
+        cache = self.block_cache
+        for index, block in enumerate(self.blocks):
+            if cache is not None:  # a sampler's block plan decides: compute, reuse or forecast
+                x = cache.block(index, x, lambda h, block=block: self.block_forward(block, patch_size, h, *args))
+            elif checkpointing:
                 x = checkpoint(self.block_forward, block, patch_size, x, *args, use_reentrant=False)  # (N, T, D)
             else:
                 x = self.block_forward(block, patch_size, x, *args)  # (N, T, D)

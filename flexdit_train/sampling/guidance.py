@@ -16,6 +16,7 @@ from torch import nn
 
 from flexdit_train.models.arch import arch_of
 from flexdit_train.models.dit import apply_guidance
+from flexdit_train.sampling.cache import BlockCache, check_block_plan
 from flexdit_train.sampling.schedule import patch_volume
 
 
@@ -43,7 +44,9 @@ class ScheduledDenoiser(nn.Module):
     "Weaker" means more pixels per token (:func:`patch_volume`). The condition is ``y`` (labels) or
     ``text_emb``/``text_mask``. ``guide_all_channels=False`` guides only the first 3 eps channels (DiT's
     reproducibility quirk), True all; None follows the arch (DiT: 3, video and text DiTs: all). Unguided
-    channels and the learned variance come from the conditional branch.
+    channels and the learned variance come from the conditional branch. ``block_plan`` (one string per step,
+    :mod:`flexdit_train.sampling.cache`) makes the steps compute, reuse or forecast their blocks; the model
+    must run under :func:`flexdit_train.sampling.cache.installed` with :attr:`cache` meanwhile.
     """
 
     def __init__(
@@ -56,6 +59,7 @@ class ScheduledDenoiser(nn.Module):
         guidance: str = "weak_conditional",
         weak_scale: float | None = None,
         guide_all_channels: bool | None = None,
+        block_plan: Sequence[str] | None = None,
     ):
         super().__init__()
         steps = len(timestep_map)
@@ -84,6 +88,14 @@ class ScheduledDenoiser(nn.Module):
         self.weak_scale = weak_guidance_scale(cfg_scale) if weak_scale is None else weak_scale
         self.arch = arch_of(model)
         self.guided_channels = self.arch.guided_channels(model, guide_all_channels)
+        self.cache = None if block_plan is None else BlockCache(check_block_plan(block_plan, steps))
+
+    def _run(self, step: int, branches: str, x: torch.Tensor, t: torch.Tensor, patch: Any, **cond) -> torch.Tensor:
+        """One network call of ``step`` carrying ``branches``; a block plan caches per branches and patch size."""
+        if self.cache is None:
+            return self.model(x, t, **cond, patch_size=patch)
+        with self.cache.call(step, (branches, patch)):
+            return self.model(x, t, **cond, patch_size=patch)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, **cond) -> torch.Tensor:
         if y is not None:
@@ -91,16 +103,16 @@ class ScheduledDenoiser(nn.Module):
         k = self.step_of_timestep[float(t[0])]
         p_cond = self.cond_patch_sizes[k]
         if self.guidance_patch_sizes is None:
-            return self.model(x, t, **cond, patch_size=p_cond)
+            return self._run(k, "cond", x, t, p_cond, **cond)
         p_guide = self.guidance_patch_sizes[k]
         null = self.arch.null_condition(self.model, cond)
         if p_guide == p_cond:
-            both = self.model(torch.cat([x, x]), torch.cat([t, t]), **cat_conditions(cond, null), patch_size=p_cond)
+            both = self._run(k, "both", torch.cat([x, x]), torch.cat([t, t]), p_cond, **cat_conditions(cond, null))
             out, uncond = both.chunk(2)  # (N, C_out, ...) each
             return apply_guidance(out, uncond, self.cfg_scale, self.guided_channels)
-        out = self.model(x, t, **cond, patch_size=p_cond)  # (N, C_out, ...)
+        out = self._run(k, "cond", x, t, p_cond, **cond)  # (N, C_out, ...)
         if self.guidance == "weak_conditional":
-            weak = self.model(x, t, **cond, patch_size=p_guide)  # (N, C_out, ...)
+            weak = self._run(k, "guidance", x, t, p_guide, **cond)  # (N, C_out, ...)
             return apply_guidance(out, weak, self.weak_scale, self.guided_channels)
-        uncond = self.model(x, t, **null, patch_size=p_guide)  # (N, C_out, ...)
+        uncond = self._run(k, "guidance", x, t, p_guide, **null)  # (N, C_out, ...)
         return apply_guidance(out, uncond, self.cfg_scale, self.guided_channels)

@@ -116,7 +116,8 @@ def sampling_card(
         "budget": schedule.name,
         "schedule": schedule.to_dict(),
         "schedule_summary": schedule.describe(),
-        "schedule_order": schedule.order,
+        # A cached schedule is its own series in tables and plots: "weak_first+fora".
+        "schedule_order": schedule.order if schedule.block_plan is None else f"{schedule.order}+{schedule.cache}",
         "compute_fraction": schedule.compute_fraction(cost),
         "gmacs_per_image": schedule.macs(cost) / 1e9,
         "cost_gmacs": {patch_label(p): cost(p) / 1e9 for p in schedule.patch_sizes},

@@ -20,6 +20,7 @@ from torch import nn
 from flexdit_train.diffusion import sampling_diffusion
 from flexdit_train.flops import CostModel, cost_model
 from flexdit_train.models.loading import from_pretrained
+from flexdit_train.sampling.cache import CachePolicy, installed
 from flexdit_train.sampling.guidance import ScheduledDenoiser, weak_guidance_scale
 from flexdit_train.sampling.schedule import BudgetSchedule, Patch, as_patch, build_schedule
 from flexdit_train.sampling.seeds import sample_noise
@@ -49,12 +50,14 @@ def generate(
     method: str | None = None,
     clip_denoised: bool = False,
     progress: bool = False,
+    block_plan: Sequence[str] | None = None,
 ) -> torch.Tensor:
     """Sample model-space outputs (N, C, H, W) or videos (N, C, F, H, W) with per-sample-index noise.
 
     ``condition``: (N,) class labels, or a dict of condition tensors (text DiTs: ``text_emb``
     (N, L, D_text) and ``text_mask`` (N, L), both required). Without patch schedules every step runs at
-    the native size, and the guidance branch exists whenever ``cfg_scale != 1``.
+    the native size, and the guidance branch exists whenever ``cfg_scale != 1``. ``block_plan`` caches blocks
+    per step (:mod:`flexdit_train.sampling.cache`; None computes every block, exactly as without caching).
     """
     device = next(model.parameters()).device
     steps = len(diffusion.timestep_map)
@@ -63,20 +66,21 @@ def generate(
         guidance_patch_sizes = list(cond_patch_sizes)
     denoiser = ScheduledDenoiser(
         model, diffusion.timestep_map, cond_patch_sizes, guidance_patch_sizes, cfg_scale, guidance, weak_scale,
-        guide_all_channels,
+        guide_all_channels, block_plan,
     )
     shape = (model.in_channels, *model.input_size)
     noise, generators = sample_noise(seed, indices, shape, device)
     cond = {"y": condition} if isinstance(condition, torch.Tensor) else dict(condition)
-    return diffusion.sample(
-        denoiser,
-        noise,
-        {k: v.to(device) for k, v in cond.items()},
-        method=method,
-        clip_denoised=clip_denoised,
-        progress=progress,
-        generator=generators,
-    )
+    with installed(model, denoiser.cache):
+        return diffusion.sample(
+            denoiser,
+            noise,
+            {k: v.to(device) for k, v in cond.items()},
+            method=method,
+            clip_denoised=clip_denoised,
+            progress=progress,
+            generator=generators,
+        )
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -175,6 +179,7 @@ class Sampler:
         guide_all_channels: bool | None = None,
         clip_denoised: bool = False,
         lora_merged: bool = False,
+        cache: Mapping[str, Any] | None = None,
     ) -> Sampler:
         """The sampler of ``model`` under a ``budget`` node (conf/budget/), ``steps`` (a DDPM respacing string:
         "250", "ddim50"; a flow sampler: "euler50", "heun25", "sde100"), CFG scale ``cfg`` and ``vae`` (a decoder
@@ -183,7 +188,8 @@ class Sampler:
 
         The weak patch is the budget's own ``weak_patch``, else ``weak_patch_size``, else the model's
         cheapest patch. ``lora_merged`` says the LoRA adapters will be merged for the weak steps, which
-        then cost nothing extra; the sampler itself never changes the model.
+        then cost nothing extra; the sampler itself never changes the model. ``cache`` (a conf/cache/ node,
+        None: none) adds its block plan to the schedule, priced in its compute fraction.
         """
         diffusion = sampling_diffusion(getattr(model, "diffusion_process", None), str(steps), model.learn_sigma)
         cfg_scale = float(cfg)
@@ -197,7 +203,7 @@ class Sampler:
         schedule = build_schedule(
             budget, len(diffusion.timestep_map), native, weak if weak != native else None, cost,
             cfg=cfg_scale != 1.0, available_patch_sizes=tuple(model.patch_sizes),
-        )
+        ).with_cache(CachePolicy.from_config(cache), len(model.blocks))
         weak_scale = float(weak_guidance) if weak_guidance is not None else weak_guidance_scale(cfg_scale)
         return cls(model, diffusion, schedule, cost, cfg_scale, weak_scale, guidance, guide_all_channels,
                    clip_denoised, vae)
@@ -247,7 +253,7 @@ class Sampler:
             latent_scale_factor=knobs["latent_scale_factor"], weak_patch_size=cfg["weak_patch_size"],
             weak_guidance=knobs["weak_guidance_scale"], guidance=knobs["guidance"],
             guide_all_channels=knobs["guide_all_channels"], clip_denoised=knobs["clip_denoised"],
-            compile=bool(cfg.get("compile", False)), precision=str(cfg.get("precision", "fp32")),
+            cache=cfg.get("cache"), compile=bool(cfg.get("compile", False)), precision=str(cfg.get("precision", "fp32")),
         )
 
     def generate(self, condition: torch.Tensor | Mapping[str, torch.Tensor], seed: int, indices: Sequence[int],
@@ -270,6 +276,7 @@ class Sampler:
                 guide_all_channels=self.guide_all_channels,
                 clip_denoised=self.clip_denoised,
                 progress=progress,
+                block_plan=self.schedule.block_plan,
             ).float()  # model space
         return self.decode(out) if self.decode is not None else out
 

@@ -17,11 +17,14 @@ analytic one of every arch.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from flexdit_train.sampling.cache import COMPUTE, CachePolicy, block_plan, check_block_plan
 
 Patch = int | tuple[int, ...]
 Cost = Callable[[Patch], float]
@@ -64,13 +67,17 @@ class BudgetSchedule:
     """Patch size per sampling step of the conditional and (with CFG) the guidance branch.
 
     ``native_patch`` is the patch of the reference run that ``compute_fraction`` divides by (the
-    model's pre-trained patch); ``guidance_patch_sizes`` is None when sampling without CFG.
+    model's pre-trained patch); ``guidance_patch_sizes`` is None when sampling without CFG. ``block_plan``
+    (None: every block computed) says per step which blocks are computed, reused or forecast, one character
+    per block (:mod:`flexdit_train.sampling.cache`); ``cache`` names its policy ("fora", ...; "none").
     """
 
     cond_patch_sizes: tuple[Patch, ...]
     guidance_patch_sizes: tuple[Patch, ...] | None
     native_patch: Patch
     name: str = "custom"
+    block_plan: tuple[str, ...] | None = None
+    cache: str = "none"
 
     def __post_init__(self) -> None:
         # Accept lists (YAML, JSON) but store tuples so the schedule stays hashable and immutable.
@@ -88,6 +95,8 @@ class BudgetSchedule:
         if min(_dims(native)) < 1:
             raise ValueError(f"native patch must be positive, got {self.native_patch!r}")
         object.__setattr__(self, "native_patch", native)
+        if self.block_plan is not None:
+            object.__setattr__(self, "block_plan", check_block_plan(self.block_plan, len(cond)))
 
     @property
     def num_steps(self) -> int:
@@ -115,8 +124,19 @@ class BudgetSchedule:
         return counts
 
     def macs(self, cost: Cost) -> float:
-        """MACs to sample one image (or video): every step's forward, both branches with CFG."""
-        return sum(n * cost(p) for branch in self.nfe().values() for p, n in branch.items())
+        """MACs to sample one image (or video): every step's forward, both branches with CFG. With a block plan
+        a reused block costs nothing and a forecast of order o its o + 1 multiply-adds per feature, which the
+        cost prices (:meth:`flexdit_train.flops.CostModel.block_macs`, ``forecast_macs``)."""
+        if self.block_plan is None:
+            return sum(n * cost(p) for branch in self.nfe().values() for p, n in branch.items())
+        if not hasattr(cost, "block_macs"):
+            raise ValueError("pricing a block plan needs a cost model with per-block MACs (flexdit_train.flops.CostModel)")
+        total = 0.0
+        for branch in (self.cond_patch_sizes, self.guidance_patch_sizes):
+            for p, actions in zip(branch or (), self.block_plan):
+                skipped = [c for c in actions if c != COMPUTE]
+                total += cost(p) - len(skipped) * cost.block_macs(p) + sum(cost.forecast_macs(p, int(c)) for c in skipped)
+        return total
 
     def reference_macs(self, cost: Cost) -> float:
         """MACs of the static run: the native patch for every step of every branch."""
@@ -144,6 +164,8 @@ class BudgetSchedule:
             "native_patch": _plain(self.native_patch),
             "cond_patch_sizes": [_plain(p) for p in self.cond_patch_sizes],
             "guidance_patch_sizes": _optional_list(self.guidance_patch_sizes),
+            "cache": self.cache,
+            "block_plan": None if self.block_plan is None else list(self.block_plan),
         }
 
     @classmethod
@@ -159,6 +181,8 @@ class BudgetSchedule:
             guidance_patch_sizes=data.get("guidance_patch_sizes"),
             native_patch=data["native_patch"],
             name=data.get("name", "custom"),
+            block_plan=data.get("block_plan"),
+            cache=data.get("cache", "none"),
         )
 
     @property
@@ -181,10 +205,21 @@ class BudgetSchedule:
     def describe(self) -> str:
         """One line, e.g. ``130/130: 250 steps, native p2; cond p4x120 -> p2x130; guidance ...``."""
         guidance = "off" if self.guidance_patch_sizes is None else _runs(self.guidance_patch_sizes)
+        cache = ""
+        if self.block_plan is not None:
+            full = sum(set(actions) == {COMPUTE} for actions in self.block_plan)
+            cache = f"; {self.cache} cache: {full} of {self.num_steps} steps compute every block"
         return (
             f"{self.name}: {self.num_steps} steps, native {_patch_name(self.native_patch)}; "
-            f"cond {_runs(self.cond_patch_sizes)}; guidance {guidance}"
+            f"cond {_runs(self.cond_patch_sizes)}; guidance {guidance}{cache}"
         )
+
+    def with_cache(self, policy: CachePolicy, depth: int) -> BudgetSchedule:
+        """The same patch sizes with ``policy``'s block plan over ``depth`` blocks (no plan for no caching)."""
+        plan = block_plan(policy, depth, self.cond_patch_sizes, self.guidance_patch_sizes)
+        if plan is None:
+            return self
+        return dataclasses.replace(self, block_plan=plan, cache=policy.policy, name=f"{self.name} + {policy.label}")
 
 
 def _order(weak: list[bool]) -> str:
