@@ -173,3 +173,25 @@ def test_cache_presets_compose_with_budgets_and_name_the_schedule():
     assert BudgetSchedule.from_dict(schedule.to_dict()) == schedule
     assert static(3, 2).with_cache(CachePolicy("fora", 2), 2).block_plan == ("CC", "00", "CC")
     assert from_powerful_steps(4, 2, 4, 2).with_cache(CachePolicy("none"), 2).block_plan is None
+
+
+def test_a_compute_target_over_both_axes_caches_only_what_weak_steps_cannot_save():
+    model = tiny(depth=4, flex=True)
+    cost = Sampler.for_model(model, {"mode": "static"}, "ddim20", cfg=1.0).cost
+    floor = cost(4) / cost(2)  # every step weak, no caching
+    reachable = {"mode": "target", "compute_fraction": floor + 0.1, "cache_policy": "fora"}
+    patches_only = Sampler.for_model(model, reachable, "ddim20", cfg=1.0).schedule
+    assert patches_only.block_plan is None  # the weak steps reach it alone: no caching
+    below = {"mode": "target", "compute_fraction": 0.7 * floor, "cache_policy": "fora", "at_most": True}
+    both = Sampler.for_model(model, below, "ddim20", cfg=1.0).schedule
+    assert both.block_plan is not None and both.compute_fraction(cost) <= 0.7 * floor + 1e-9
+    assert both.name.endswith("fora_n2")  # the least caching that reaches the target
+    assert "C" in "".join(both.block_plan) and 2 in both.cond_patch_sizes  # some native steps remain
+    # a static model meets a target by caching alone; a target out of reach names the limit
+    static_model = tiny(depth=4)
+    cached = Sampler.for_model(static_model, {**below, "compute_fraction": 0.5}, "ddim20", cfg=1.0).schedule
+    assert cached.compute_fraction(cost) <= 0.5 and set(cached.cond_patch_sizes) == {2}
+    with pytest.raises(ValueError, match="out of reach of fora caching with intervals up to 2"):
+        Sampler.for_model(static_model, {**below, "compute_fraction": 0.1, "max_interval": 2}, "ddim20", cfg=1.0)
+    with pytest.raises(ValueError, match="keep one of them"):
+        Sampler.for_model(model, below, "ddim20", cfg=1.0, cache={"policy": "fora", "interval": 3})

@@ -203,7 +203,12 @@ class Sampler:
         schedule = build_schedule(
             budget, len(diffusion.timestep_map), native, weak if weak != native else None, cost,
             cfg=cfg_scale != 1.0, available_patch_sizes=tuple(model.patch_sizes),
-        ).with_cache(CachePolicy.from_config(cache), len(model.blocks))
+        )
+        policy = CachePolicy.from_config(cache)
+        if schedule.block_plan is not None and policy.policy != "none":
+            raise ValueError(f"budget {schedule.name!r} already chose its block caching (budget.cache_policy) and "
+                             f"cache={policy.label} adds another; keep one of them (cache=none)")
+        schedule = schedule.with_cache(policy, len(model.blocks))
         weak_scale = float(weak_guidance) if weak_guidance is not None else weak_guidance_scale(cfg_scale)
         return cls(model, diffusion, schedule, cost, cfg_scale, weak_scale, guidance, guide_all_channels,
                    clip_denoised, vae)

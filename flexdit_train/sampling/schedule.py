@@ -324,6 +324,8 @@ def for_target(
     name: str | None = None,
     weak_first: bool = True,
     at_most: bool = False,
+    cache: CachePolicy | None = None,
+    depth: int = 0,
 ) -> BudgetSchedule:
     """Weak-first schedule x/x with the FEWEST powerful steps whose compute fraction reaches the target.
 
@@ -332,7 +334,8 @@ def for_target(
     above it. ``at_most=True`` instead takes the MOST powerful steps that do not exceed the target
     (fraction in ``(target - (1 - r) / T, target]``): what a claim "at <= 60% compute" must sample with.
     Both branches get the same x, as in the paper's 130/130 and 70/70 schedules. ``weak_first=False``
-    gives the weak-last ablation with the same x, hence exactly the same compute.
+    gives the weak-last ablation with the same x, hence exactly the same compute. ``cache`` adds its block
+    plan over ``depth`` blocks to every candidate, so the fraction counts the caching too.
     """
     num_steps = _check_steps(num_steps)
     if not 0.0 < compute_fraction <= 1.0:
@@ -347,9 +350,10 @@ def for_target(
         )
 
     def schedule(x: int) -> BudgetSchedule:
-        return _two_patch(
+        patches = _two_patch(
             num_steps, native_patch, weak_patch, x, None, cfg, weak_first, name or f"target {compute_fraction:g}"
         )
+        return patches if cache is None else patches.with_cache(cache, depth)
 
     floor = schedule(0).compute_fraction(cost)
     if compute_fraction < floor - _FRACTION_TOL:
@@ -370,6 +374,57 @@ def for_target(
         for s in map(schedule, range(num_steps + 1))
         if s.compute_fraction(cost) >= compute_fraction - _FRACTION_TOL
     )
+
+
+def for_target_with_cache(
+    compute_fraction: float,
+    num_steps: int,
+    native_patch: Patch,
+    weak_patch: Patch | None,
+    cost: Cost,
+    policy: CachePolicy,
+    depth: int,
+    max_interval: int = 5,
+    cfg: bool = True,
+    name: str | None = None,
+    weak_first: bool = True,
+    at_most: bool = False,
+) -> BudgetSchedule:
+    """A compute target over both axes: the LEAST caching that can reach it, then the patch schedule.
+
+    Intervals N = 1 (no caching), 2, ... ``max_interval`` of ``policy`` are tried in turn; the first whose
+    cheapest schedule (every step weak, caching every N-th step) is within the target gets the weak-first
+    patch schedule of :func:`for_target` for the rest. Caching is the second resort because it reuses
+    features a step computed for another noise level, while a weak step still sees its own input. Without a
+    weak patch (a static model) caching alone meets the target: the cheapest interval that reaches it, or with
+    ``at_most`` the smallest interval that does not exceed it.
+    """
+    if int(max_interval) != max_interval or max_interval < 1:
+        raise ValueError(f"budget.max_interval={max_interval!r} must be a positive int")
+    name = name or f"target {compute_fraction:g}"
+    if weak_patch is None:
+        candidates = [static(num_steps, native_patch, cfg, name).with_cache(dataclasses.replace(policy, interval=n), depth)
+                      for n in range(1, int(max_interval) + 1)]
+        fractions = [c.compute_fraction(cost) for c in candidates]
+        if at_most:
+            chosen = next((c for c, f in zip(candidates, fractions) if f <= compute_fraction + _FRACTION_TOL), None)
+        else:
+            chosen = next((c for c, f in zip(candidates[::-1], fractions[::-1])
+                           if f >= compute_fraction - _FRACTION_TOL), None)
+        if chosen is None:
+            raise ValueError(f"compute fraction {compute_fraction:.4f} is out of reach of {policy.policy} caching with "
+                             f"intervals up to {max_interval} (fractions {min(fractions):.4f}..{max(fractions):.4f}); "
+                             "change the target or budget.max_interval")
+        return chosen
+    last_error = None
+    for n in range(1, int(max_interval) + 1):
+        try:
+            return for_target(compute_fraction, num_steps, native_patch, weak_patch, cost, cfg, name, weak_first,
+                              at_most, dataclasses.replace(policy, interval=n), depth)
+        except ValueError as err:  # below what this interval reaches: cache more
+            last_error = err
+    raise ValueError(f"{last_error} (with {policy.policy} caching up to interval {max_interval}); raise "
+                     "budget.max_interval or the target")
 
 
 def _check_steps(num_steps: int) -> int:
@@ -418,7 +473,7 @@ BUDGET_MODES: dict[str, tuple[str, ...]] = {
     "powerful_steps": ("powerful_steps", "powerful_steps_guidance"),
     "powerful_fraction": ("powerful_fraction", "powerful_fraction_guidance"),
     "weak_last": ("powerful_fraction", "powerful_fraction_guidance"),
-    "target": ("compute_fraction", "weak_first", "at_most"),
+    "target": ("compute_fraction", "weak_first", "at_most", "cache_policy", "cache_order", "max_interval"),
 }
 
 
@@ -437,7 +492,9 @@ def build_schedule(
     fractions of T, rounded half up, so presets work for any T); ``weak_last`` (same fractions,
     powerful steps first); ``target`` (``compute_fraction`` solved with ``cost``, see
     :func:`for_target`; ``weak_first: false`` puts the same powerful steps first, ``at_most: true``
-    rounds to the schedule that does not exceed the target instead of the one that reaches it). A missing guidance
+    rounds to the schedule that does not exceed the target instead of the one that reaches it;
+    ``cache_policy`` (fora, delta_dit, taylorseer with ``cache_order``) solves over weak steps and block
+    caching up to ``max_interval``, :func:`for_target_with_cache`). A missing guidance
     parameter means "same as the conditional one"; guidance parameters are ignored without CFG. ``weak_patch`` in the node (e.g. [2, 2, 2], a video DiT's weak
     temporal patch) replaces the sampler's weak patch, so a preset can pick one of several weak modes.
     """
@@ -455,6 +512,8 @@ def build_schedule(
 
     if mode == "static":
         schedule = static(num_steps, native_patch, cfg, name)
+    elif mode == "target" and node.get("cache_policy") not in (None, "none"):
+        schedule = _target_with_cache(node, num_steps, native_patch, weak_patch, cost, cfg, name)
     else:
         if weak_patch is None:
             raise ValueError(
@@ -488,6 +547,19 @@ def build_schedule(
     if available_patch_sizes is not None:
         schedule.validate(available_patch_sizes)
     return schedule
+
+
+def _target_with_cache(node: Mapping[str, Any], num_steps: int, native_patch: Patch, weak_patch: Patch | None,
+                       cost: Cost | None, cfg: bool, name: str) -> BudgetSchedule:
+    """budget.mode=target with budget.cache_policy: :func:`for_target_with_cache` on the cost's depth."""
+    depth = getattr(cost, "config", {}).get("depth")
+    if depth is None:
+        raise ValueError("budget.cache_policy needs a cost model with the network's depth (flexdit_train.flops.CostModel)")
+    policy = CachePolicy(node["cache_policy"], order=node.get("cache_order", 1))
+    return for_target_with_cache(
+        _required(node, "compute_fraction", "target"), num_steps, native_patch, weak_patch, cost, policy, depth,
+        node.get("max_interval", 5), cfg, name, node.get("weak_first", True), node.get("at_most", False),
+    )
 
 
 def _required(node: Mapping[str, Any], key: str, mode: str) -> Any:
