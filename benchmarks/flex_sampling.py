@@ -1,12 +1,16 @@
-"""Wall-clock of flexible sampling under a compute budget vs the static schedule.
+"""Wall-clock of flexible sampling under a compute budget (and block caching) vs the static schedule.
 
-    python benchmarks/flex_sampling.py [--budget 0.5] [--steps 20] [--batch 8] [--threads 2] [--device cpu]
+    python benchmarks/flex_sampling.py [--budget 0.5] [--cache fora_n3] [--steps 20] [--batch 8] [--threads 2]
+        [--device cpu]
 
 A DiT-S/2-sized flexible model (12 blocks, width 384, 6 heads; 32x32x4 latents: 256 tokens at patch 2,
-64 at patch 4) samples the same batch with the same DDIM steps and CFG twice: every step native, and
-with the schedule the FLOPs model solves for ``--budget``. Reports seconds, the measured speed-up, the
-FLOPs bound (1 / compute fraction) and their ratio, as JSON. Weights are random (speed does not depend
-on them); adaLN-Zero layers get values so the computation is not trivially zero.
+64 at patch 4) samples the same batch with the same DDIM steps and CFG: every step native, with the
+schedule the FLOPs model solves for ``--budget`` and, with ``--cache PRESET`` (conf/cache/), the static and
+the budget schedule with that block caching. Reports per schedule the seconds, the measured speed-up, the
+FLOPs bound (1 / compute fraction) and their ratio, as JSON. Runs are interleaved (each repeat times every
+schedule once) and the best of ``--repeats`` is kept, so a busy machine slows every schedule alike. Weights
+are random (speed does not depend on them); adaLN-Zero layers get values so the computation is not
+trivially zero.
 """
 
 from __future__ import annotations
@@ -14,13 +18,17 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
+from flexdit_train import CONF_DIR
 from flexdit_train.diffusion import create_diffusion
 from flexdit_train.flops import cost_model
 from flexdit_train.models import DiT_models, flexify
 from flexdit_train.sampling import generate
+from flexdit_train.sampling.cache import CachePolicy
 from flexdit_train.sampling.schedule import for_target, static
 
 
@@ -53,6 +61,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per schedule (best is kept)")
+    parser.add_argument("--cache", default=None, help="a conf/cache preset (fora_n3, taylorseer_o2_n5, ...)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -64,24 +73,34 @@ def main() -> None:
         "static": static(args.steps, 2),
         "budget": for_target(args.budget, args.steps, 2, 4, cost),
     }
+    if args.cache:
+        policy = CachePolicy.from_config(OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / "cache" / f"{args.cache}.yaml")))
+        schedules["cache"] = schedules["static"].with_cache(policy, len(model.blocks))
+        schedules["budget+cache"] = schedules["budget"].with_cache(policy, len(model.blocks))
     labels = torch.arange(args.batch) % 1000
 
     def sample(schedule) -> None:
         generate(model, diffusion, labels, 0, range(args.batch), cond_patch_sizes=schedule.cond_patch_sizes,
-                 guidance_patch_sizes=schedule.guidance_patch_sizes, cfg_scale=args.cfg_scale)
+                 guidance_patch_sizes=schedule.guidance_patch_sizes, cfg_scale=args.cfg_scale,
+                 block_plan=schedule.block_plan)
 
     sample(schedules["budget"])  # warm-up: allocator, projection caches
-    seconds = {name: min(timed(lambda s=s: sample(s), device) for _ in range(args.repeats))
-               for name, s in schedules.items()}
-    fraction = schedules["budget"].compute_fraction(cost)
-    speedup = seconds["static"] / seconds["budget"]
-    bound = 1.0 / fraction
+    times: dict[str, list[float]] = {name: [] for name in schedules}
+    for _ in range(args.repeats):
+        for name, schedule in schedules.items():
+            times[name].append(timed(lambda s=schedule: sample(s), device))
+    seconds = {name: min(t) for name, t in times.items()}
+    rows = {}
+    for name, schedule in schedules.items():
+        fraction = schedule.compute_fraction(cost)
+        speedup, bound = seconds["static"] / seconds[name], 1.0 / fraction
+        rows[name] = {"schedule": schedule.describe(), "compute_fraction": round(fraction, 4),
+                      "seconds": round(seconds[name], 3), "speedup": round(speedup, 3), "flops_bound": round(bound, 3),
+                      "fraction_of_bound": round(speedup / bound, 3)}
     print(json.dumps({
         "model": "DiT-S/2 (flexified, patches 2/4)", "device": str(device), "threads": args.threads,
-        "steps": args.steps, "batch": args.batch, "cfg_scale": args.cfg_scale,
-        "schedule": schedules["budget"].describe(), "compute_fraction": round(fraction, 4),
-        "seconds_static": round(seconds["static"], 3), "seconds_budget": round(seconds["budget"], 3),
-        "speedup": round(speedup, 3), "flops_bound": round(bound, 3), "fraction_of_bound": round(speedup / bound, 3),
+        "steps": args.steps, "batch": args.batch, "cfg_scale": args.cfg_scale, "repeats": args.repeats,
+        "schedules": rows,
     }, indent=2))
 
 
