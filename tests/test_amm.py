@@ -141,6 +141,21 @@ def test_flexible_model_builds_the_matrix_of_each_patch_size_grid():
         assert torch.allclose(flex(big, t, y, patch_size=4), reference(big, t, y, patch_size=4), atol=1e-5)
 
 
+def test_a_deep_copy_tracks_its_own_grid():
+    import copy
+
+    flex = flexify(perturbed_dit(), patch_sizes=(2, 4), mode="shared").eval()
+    flex.set_attention_modulation([2])
+    twin = copy.deepcopy(flex)
+    x, t, y = _inputs(4)
+    with torch.no_grad():
+        expected = flex(x, t, y, patch_size=4)
+        flex(x, t, y, patch_size=2)  # the original's grid moves to 4x4; the copy's must not follow
+        assert torch.equal(twin(x, t, y, patch_size=4), expected)
+        twin.set_attention_modulation([])
+        assert flex.amm_blocks == (2,) and flex.blocks[1].attn.modulation is not None
+
+
 def test_bad_blocks_are_one_line_value_errors():
     model = perturbed_dit()
     for blocks, match in (([0], r"not blocks of this 2-block model"), ([3], r"1\.\.2"), (8, "must be a list")):

@@ -428,31 +428,31 @@ class PatchModel(nn.Module):
                 f"amm_blocks {bad} are not blocks of this {len(layers)}-block model; use 1-indexed blocks "
                 f"in 1..{len(layers)}"
             )
-        hook = getattr(self, "_amm_hook", None)
-        if hook is not None:
-            hook.remove()
-            self._amm_hook = None
         for attn, _ in layers:
             attn.modulation = None
+        self._amm_state = None
         if chosen:
             state = AttentionModulation()
             for b in chosen:
                 attn, downsample = layers[b - 1]
                 attn.modulation = functools.partial(state.matrix, downsample=downsample)
-            self._amm_hook = self.register_forward_pre_hook(self._amm_track_grid(state), with_kwargs=True)
+            self._amm_state = state
+            if not getattr(self, "_amm_hooked", False):
+                # registered once and never removed (it returns at once while AMM is off): a plain function of
+                # the module, so a deep copy (EMA, tests) tracks its own grid
+                self.register_forward_pre_hook(PatchModel._amm_track_grid, with_kwargs=True)
+                self._amm_hooked = True
         self.amm_blocks = tuple(chosen)
 
-    def _amm_track_grid(self, state: AttentionModulation) -> Callable:
+    def _amm_track_grid(self, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook: the token grid of this call's latents and patch size, for the AMM blocks."""
-        signature = inspect.signature(self.forward)
-
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            bound = signature.bind(*args, **kwargs).arguments
-            x = bound["x"]
-            p = module.check_patch_size(bound.get("patch_size"), x.shape[-2:])
-            state.grid = (x.shape[-2] // p, x.shape[-1] // p)
-
-        return hook
+        state = getattr(self, "_amm_state", None)
+        if state is None:
+            return
+        bound = inspect.signature(self.forward).bind(*args, **kwargs).arguments
+        x = bound["x"]
+        p = self.check_patch_size(bound.get("patch_size"), x.shape[-2:])
+        state.grid = (x.shape[-2] // p, x.shape[-1] // p)
 
     # ------------------------------------------------------------------ guidance
     def forward_with_cfg(
