@@ -3,6 +3,7 @@ few-step training run sampled through the sampling app with the attention modula
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -10,20 +11,24 @@ import numpy as np
 import pytest
 import torch
 from helpers.config import compose_train
+from helpers.models import perturbed_dit
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 from torch.utils.flop_counter import FlopCounterMode
 
 import flexdit_train
+from flexdit_train.diffusion import create_diffusion
 from flexdit_train.flops import EDT_TERMS, CostModel, cost_model, registry_arch, registry_config
 from flexdit_train.flops.__main__ import main as flops_main
 from flexdit_train.models import build_model, export_safetensors, flexify, from_pretrained
 from flexdit_train.models.amm import modulation_matrix
 from flexdit_train.models.arch import arch_of
-from flexdit_train.models.edt import EDT, EDT_AMM_BLOCKS, EDT_models, relative_position_index
+from flexdit_train.models.edt import EDT, EDT_AMM_BLOCKS, EDT_models, relative_position_index, token_keep_mask
 from flexdit_train.sample import run_sampling
 from flexdit_train.train import run
+from flexdit_train.training import DiffusionModule
+from flexdit_train.training.edt_masking import EDTMaskingModule
 
 
 def tiny_edt(seed: int = 0, perturb: bool = True, **overrides) -> EDT:
@@ -216,6 +221,75 @@ def test_bad_configs_are_one_line_value_errors():
 
 
 #################################################################################
+#                                Masking training                               #
+#################################################################################
+
+
+def test_token_mask_zeroes_exactly_the_ratio_inside_each_down_sampling_module():
+    keep = token_keep_mask(3, 64, 0.45, "cpu")
+    assert keep.shape == (3, 64) and keep.sum(dim=1).tolist() == [64 - 29] * 3  # round(0.45 * 64) = 29 zeroed
+    assert not torch.equal(keep[0], keep[1])  # a fresh draw per sample
+    model = tiny_edt()
+    seen = []
+    hooks = [down.reduction.register_forward_pre_hook(lambda m, args: seen.append(args[0])) for down in model.down_blocks]
+    x, t, y = _inputs(2)
+    with torch.no_grad():
+        model(x, t, y)
+        model(x, t, y, token_mask_ratios=[0.45, 0.15])
+    for hook in hooks:
+        hook.remove()
+    # each original token is one C-wide chunk of a merged 4C vector: count the all-zero chunks per sample
+    for merged, tokens, zeroed in ((seen[0], 64, 0), (seen[1], 16, 0), (seen[2], 64, 29), (seen[3], 16, 2)):
+        n, quarter_tokens, width4 = merged.shape
+        chunks = merged.reshape(n, quarter_tokens * 4, width4 // 4)  # (N, T, C)
+        assert quarter_tokens * 4 == tokens
+        assert (chunks.abs().amax(dim=-1) == 0).sum(dim=1).tolist() == [zeroed] * n
+
+
+def _objectives(ratios):
+    diffusion = create_diffusion("")
+    optimizer = functools.partial(torch.optim.AdamW, lr=1e-3)
+    plain = DiffusionModule(tiny_edt(), diffusion, optimizer)
+    masking = EDTMaskingModule(tiny_edt(), diffusion, optimizer, token_mask_ratios=ratios)
+    return plain, masking
+
+
+def test_masking_objective_off_is_the_plain_loss_and_on_adds_the_masked_loss():
+    x, _, y = _inputs(4, seed=5)
+    batch = {"x": x, "y": y}
+    for ratios in (None, [[0.4, 0.5], [0.1, 0.2]]):
+        plain, masking = _objectives(ratios)
+        plain.train(), masking.train()  # label dropout on: both draw it from the same stream
+        torch.manual_seed(7)
+        t_plain, terms_plain = plain.compute_losses(batch, None)
+        torch.manual_seed(7)
+        t_mask, terms_mask = masking.compute_losses(batch, None)
+        assert torch.equal(t_plain, t_mask)
+        flops = masking.step_flops(x, None) / plain.step_flops(x, None)
+        if ratios is None:
+            assert torch.equal(terms_mask["loss"], terms_plain["loss"]) and "masked_loss" not in terms_mask
+            assert flops == 1.0
+        else:
+            assert torch.allclose(terms_mask["loss"] - terms_mask["masked_loss"], terms_plain["loss"], atol=1e-6)
+            assert not torch.allclose(terms_mask["masked_loss"], terms_plain["loss"], atol=1e-4)
+            assert flops == 2.0  # a second forward and backward per step
+    ratios = masking.draw_mask_ratios()
+    assert 0.4 <= ratios[0] <= 0.5 and 0.1 <= ratios[1] <= 0.2
+
+
+def test_masking_objective_refuses_what_it_cannot_mask():
+    diffusion, optimizer = create_diffusion(""), functools.partial(torch.optim.AdamW, lr=1e-3)
+    for model, ratios, match in (
+        (perturbed_dit(), [[0.4, 0.5], [0.1, 0.2]], "has none"),
+        (tiny_edt(), [[0.4, 0.5]], "one \\[lo, hi\\] range"),
+        (tiny_edt(), [[0.5, 0.4], [0.1, 0.2]], "0 <= lo <= hi < 1"),
+    ):
+        with pytest.raises(ValueError, match=match) as err:
+            EDTMaskingModule(model, diffusion, optimizer, token_mask_ratios=ratios)
+        assert "\n" not in str(err.value)
+
+
+#################################################################################
 #                               Train and sample                                #
 #################################################################################
 
@@ -227,13 +301,17 @@ TINY_EDT = ["model.widths=[32,48,64,48,32]", "model.num_heads=[2,2,2,2,2]"]
 def test_mnist_edt_trains_two_steps_and_samples_with_amm(tmp_path, monkeypatch):
     monkeypatch.setenv("FLEXDIT_DATA_CACHE", str(tmp_path / "data_cache"))
     cfg = compose_train(
-        ["+experiment=mnist_edt", "trainer=cpu", "trainer.max_steps=2", "logger=csv", *TINY_EDT,
+        ["+experiment=mnist_edt", "trainer=cpu", "trainer.max_steps=2", "trainer.log_every_n_steps=1",
+         "logger=csv", *TINY_EDT,
          "data.global_batch_size=4", "data.num_workers=0", "callbacks.sample_grid.num_images=2",
          "callbacks.sample_grid.sampling_steps=ddim2"],
         tmp_path / "train",
     )
     assert cfg.model.arch == "edt" and cfg.task_name == "mnist_edt"
+    assert cfg.objective.token_mask_ratios == [[0.4, 0.5], [0.1, 0.2]]  # EDT's recipe: the masking loss on
     run(cfg)
+    metrics = (tmp_path / "train" / "csv").rglob("metrics.csv")
+    assert any("train/masked_loss" in path.read_text().splitlines()[0] for path in metrics)
     ckpt = tmp_path / "train" / "checkpoints" / "final.ckpt"
     assert torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"] == 2
     model = from_pretrained(ckpt)

@@ -20,7 +20,8 @@ for a 32x32 latent at patch 2::
 * EDT's attention modulation matrix works as for every DiT here (``set_attention_modulation``), each AMM
   block using the matrix of its own stage's grid (EDT-S/B: blocks [8, 11]; XL: [24, 26]).
 * ``token_mask_ratios`` zeroes random tokens inside the down-sampling modules (after the modulated norm,
-  before the reduction): the masked forward of EDT's token relation-enhanced masking training.
+  before the reduction): the masked forward of EDT's token relation-enhanced masking training
+  (:class:`flexdit_train.training.edt_masking.EDTMaskingModule`, conf/objective/edt_masking.yaml).
 
 EDT is trained from scratch at one resolution and one patch size, so this class is static: the relative-
 position tables and the stage grids are fixed by ``input_size`` and ``patch_size``. Flexifying it (several
@@ -74,6 +75,19 @@ def check_stages(widths: Sequence[int], depths: Sequence[int], num_heads: Sequen
         raise ValueError(f"EDT widths must mirror around the middle stage (skips are concatenated), got {list(widths)}")
     if min(depths) < 1:
         raise ValueError(f"every EDT stage needs at least one block, got depths {list(depths)}")
+
+
+def token_keep_mask(batch: int, tokens: int, ratio: float, device: torch.device | str) -> torch.Tensor:
+    """(batch, tokens) bool, False for exactly round(ratio · tokens) random tokens of each sample.
+
+    An exact count per sample (EDT's code draws each token independently, the same share in expectation),
+    so every sample of a step sees the ratio it was given.
+    """
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"token mask ratio {ratio} is outside [0, 1); use a share of tokens to zero, e.g. 0.4")
+    masked = round(ratio * tokens)
+    rank = torch.rand(batch, tokens, device=device).argsort(dim=1).argsort(dim=1)  # (N, T) random permutation
+    return rank >= masked  # (N, T)
 
 
 def relative_position_index(grid_hw: tuple[int, int]) -> torch.Tensor:
@@ -348,7 +362,7 @@ class EDT(ClassConditional, PatchModel):
             if s < down:
                 keep = None
                 if token_mask_ratios is not None:
-                    keep = torch.rand(x.shape[:2], device=x.device) >= token_mask_ratios[s]  # (N, T_s)
+                    keep = token_keep_mask(x.shape[0], x.shape[1], float(token_mask_ratios[s]), x.device)  # (N, T_s)
                 x = self.down_blocks[s](x, c, keep)  # (N, T_s / 4, D_{s+1})
         x = self.final_modulation(x, c)  # (N, T, D_1)
         x = self.project_out(x, p)  # (N, T, p*p*C_out)
