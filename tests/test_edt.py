@@ -110,6 +110,18 @@ def test_analytic_count_matches_flop_counter_mode(amm):
     assert counter.get_total_flops() == pytest.approx(2 * sum(breakdown.values()), rel=0.02)
 
 
+def test_full_size_edt_s_count_matches_flop_counter_mode():
+    """The real EDT-S/2 at 256 px (uninitialised weights: only shapes matter to the counter), ~0.5 s on CPU."""
+    with torch.device("meta"):
+        model = EDT_models["EDT-S/2"]().eval()
+    model = model.to_empty(device="cpu")
+    x, t, y = torch.zeros(1, 4, 32, 32), torch.ones(1), torch.ones(1, dtype=torch.long)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x, t, y)
+    assert counter.get_total_flops() / 2 == pytest.approx(cost_model(model)(2), rel=0.01)
+    assert cost_model(model)(2) == 2_667_442_752
+
+
 #################################################################################
 #                                    Network                                    #
 #################################################################################

@@ -49,6 +49,7 @@ from flexdit_train.models.dit import (
     PatchEmbed,
     PatchModel,
     TimestepEmbedder,
+    cached_table,
     check_patch_divides,
     modulate,
     sincos_2d,
@@ -111,13 +112,17 @@ class RelPosAttention(Attention):
         h, w = grid_hw
         self.grid = (h, w)
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * h - 1) * (2 * w - 1), num_heads))
-        # persistent: checkpoints are loaded on the meta device, which leaves nothing un-stored to fill
-        self.register_buffer("relative_position_index", relative_position_index((h, w)))
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        # the index is a function of the grid: built on first use per device, not stored in checkpoints
+        self._index_cache: dict = {}
 
     def relative_position_bias(self) -> torch.Tensor:
         tokens = self.grid[0] * self.grid[1]
-        bias = self.relative_position_bias_table[self.relative_position_index.reshape(-1)]  # (T*T, H)
+        table = self.relative_position_bias_table
+        index = cached_table(
+            self._index_cache, table.device, lambda: relative_position_index(self.grid).to(table.device)
+        )  # (T, T)
+        bias = table[index.reshape(-1)]  # (T*T, H)
         return bias.reshape(tokens, tokens, self.num_heads).permute(2, 0, 1)  # (H, T, T)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
