@@ -26,6 +26,7 @@ from flexdit_train.models.amm import modulation_matrix
 from flexdit_train.models.arch import arch_of
 from flexdit_train.models.edt import EDT, EDT_AMM_BLOCKS, EDT_models, relative_position_index, token_keep_mask
 from flexdit_train.sample import run_sampling
+from flexdit_train.sampling.cache import BlockCache
 from flexdit_train.train import run
 from flexdit_train.training import DiffusionModule
 from flexdit_train.training.edt_masking import EDTMaskingModule
@@ -217,6 +218,11 @@ def test_checkpoint_round_trip_and_build_model(tmp_path):
     assert named.config == preset.config
 
 
+def _with_block_cache(model: EDT) -> EDT:
+    model.block_cache = BlockCache(["C" * len(model.blocks)])  # what a sampler's cache= installs
+    return model
+
+
 def test_bad_configs_are_one_line_value_errors():
     cases = [
         (lambda: tiny_edt(widths=(32, 48, 64, 48, 48)), "mirror"),
@@ -225,6 +231,7 @@ def test_bad_configs_are_one_line_value_errors():
         (lambda: tiny_edt(hidden_size=64), "hidden_size=64 disagrees"),
         (lambda: flexify(tiny_edt()), "flexifying it is not supported"),
         (lambda: tiny_edt()(torch.zeros(1, 4, 32, 32), torch.zeros(1), torch.zeros(1, dtype=torch.long)), "fixed stage"),
+        (lambda: _with_block_cache(tiny_edt())(*_inputs(1)), "does not support block caching"),
     ]
     for make, match in cases:
         with pytest.raises(ValueError, match=match) as err:

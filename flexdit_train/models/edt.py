@@ -18,7 +18,8 @@ for a 32x32 latent at patch 2::
   the skip of the same grid (the input of the down stage of that grid, as the authors keep it),
   adaLN-modulated LayerNorm, linear 2C -> C, plus the sin-cos table of the grid.
 * EDT's attention modulation matrix works as for every DiT here (``set_attention_modulation``), each AMM
-  block using the matrix of its own stage's grid (EDT-S/B: blocks [8, 11]; XL: [24, 26]).
+  block using the matrix of its own stage's grid (EDT-S/B: blocks [8, 11]; XL: [24, 26]). The samplers'
+  block caching (``cache=``) is refused: its plans price every block alike, EDT's stages do not.
 * ``token_mask_ratios`` zeroes random tokens inside the down-sampling modules (after the modulated norm,
   before the reduction): the masked forward of EDT's token relation-enhanced masking training
   (:class:`flexdit_train.training.edt_masking.EDTMaskingModule`, conf/objective/edt_masking.yaml).
@@ -339,6 +340,12 @@ class EDT(ClassConditional, PatchModel):
         ``patch_size`` None or the native one; ``force_drop_ids`` as DiT's. ``token_mask_ratios`` (one per
         down-sampling module) zeroes that share of random tokens inside it (masking training).
         """
+        if self.block_cache is not None:
+            # the sampler's block plans price every block alike (CostModel.block_macs), EDT's stages do not
+            raise ValueError(
+                "EDT does not support block caching (its blocks cost differently per stage grid); sample it with "
+                "cache=none and a budget without cache_policy"
+            )
         p = self.check_patch_size(patch_size, x.shape[-2:])
         if list(x.shape[-2:]) != list(self.input_size):
             size = "x".join(map(str, x.shape[-2:]))
