@@ -1,6 +1,7 @@
 """FLOPs app: ``python -m flexdit_train.flops --model DiT-XL/2 --image-size 256 --json``.
 
-Prints the analytic MACs of one forward of a registered DiT (DiT's "Gflops") or, with ``--steps T`` and
+Prints the analytic MACs of one forward of a registered preset of any arch (DiT-XL/2, EDT-XL/2, ...: DiT's
+"Gflops") or, with ``--steps T`` and
 ``--powerful-steps x [--powerful-steps-guidance y]`` or ``--budget-fraction F``, the compute of a sampling
 schedule per image and as a share of static sampling (:mod:`flexdit_train.flops.cost`).
 """
@@ -13,9 +14,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from flexdit_train.flops.cost import CostModel, registry_config
-from flexdit_train.flops.terms import DIT_TERMS
-from flexdit_train.models.dit import DiT_models, check_patch_divides, to_2tuple
+from flexdit_train.flops.cost import CostModel, registry_arch, registry_config
+from flexdit_train.models.arch import ARCHS
+from flexdit_train.models.dit import check_patch_divides, to_2tuple
 from flexdit_train.sampling.schedule import BudgetSchedule, for_target, from_powerful_steps, static
 
 #################################################################################
@@ -53,7 +54,8 @@ def _build_parser() -> argparse.ArgumentParser:
         prog="python -m flexdit_train.flops",
         description="Analytic DiT compute: MACs per forward (DiT's 'Gflops') or per image of a schedule.",
     )
-    parser.add_argument("--model", default="DiT-XL/2", help=f"registry name, one of {', '.join(DiT_models)}")
+    names = [name for arch in ARCHS.values() for name in arch.presets]
+    parser.add_argument("--model", default="DiT-XL/2", help=f"registry name, one of {', '.join(names)}")
     parser.add_argument("--image-size", type=_size, default=(256, 256), help="pixels, N or H,W (default 256)")
     parser.add_argument("--latent-size", type=_size, help="latent cells, N or H,W; overrides --image-size")
     parser.add_argument(
@@ -112,7 +114,7 @@ def forward_report(args: argparse.Namespace) -> dict[str, Any]:
     config = registry_config(args.model, latent_hw)
     p = args.patch_size or config["patch_size"]
     # LoRA adapters exist for every patch but the model's own, so the cost model keys on the model's patch.
-    cost = CostModel(config, latent_hw, DIT_TERMS, args.lora_rank)
+    cost = CostModel(config, latent_hw, registry_arch(args.model).cost_terms, args.lora_rank)
     macs = cost(p)
     return {
         "model": args.model,
@@ -148,7 +150,7 @@ def schedule_report(args: argparse.Namespace) -> dict[str, Any]:
     native = args.patch_size or config["patch_size"]
     weak = args.weak_patch_size or 2 * native
     # LoRA adapters exist for every patch but the model's own, so the cost model keys on the model's patch.
-    cost = CostModel(config, latent_hw, DIT_TERMS, args.lora_rank)
+    cost = CostModel(config, latent_hw, registry_arch(args.model).cost_terms, args.lora_rank)
     for p in (native, weak):
         check_patch_divides(latent_hw, p)
     schedule = _schedule(args, native, weak, cost)

@@ -13,10 +13,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
-from flexdit_train.flops.terms import DIT_TERMS, ForwardShape, Term
-from flexdit_train.models.arch import arch_of
+from flexdit_train.flops.terms import ForwardShape, Term
+from flexdit_train.models.arch import ARCHS, Arch, arch_of
 from flexdit_train.models.dit import check_patch_divides, to_2tuple
 from flexdit_train.models.loading import preset_of
 
@@ -67,6 +68,7 @@ class CostModel:
             attention=self.config.get("attention", "full"),
             text_len=self.config.get("text_len", 0),
             caption_channels=self.config.get("caption_channels", 0),
+            model_config=self.config,
         )
 
     def breakdown(self, patch: Any) -> dict[str, int]:
@@ -101,25 +103,50 @@ class CostModel:
         return 3 * batch_size * self.flops(patch)
 
 
-def registry_config(name: str, input_size: int | Sequence[int] = 32) -> dict[str, Any]:
-    """Config of a registered DiT (e.g. "DiT-XL/2") with the registry factories' defaults (4 latent channels,
-    learned sigma, MLP ratio 4), built from the name instead of instantiating the model (~1 s even on meta)."""
-    return dict(
-        input_size=list(to_2tuple(input_size)),
-        in_channels=4,
-        mlp_ratio=4.0,
-        learn_sigma=True,
-        **preset_of(name),
-    )
+def registry_arch(name: str) -> Arch:
+    """The arch whose presets hold ``name`` (e.g. "DiT-XL/2" -> dit, "EDT-XL/2" -> edt), looked up in every arch."""
+    for arch in ARCHS.values():
+        if name in arch.presets:
+            return arch
+    names = [n for arch in ARCHS.values() for n in arch.presets]
+    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(names)}")
+
+
+def registry_config(name: str, input_size: int | Sequence[int] | None = None) -> dict[str, Any]:
+    """Config of a registered preset of any arch at ``input_size`` (None: the factory's default, 32 for the
+    image archs), with the registry factories' defaults.
+
+    DiT names ("DiT-XL/2") give the config built from the name (4 latent channels, learned sigma, MLP
+    ratio 4) instead of instantiating the model (~1 s even on meta). Another arch's factory may carry a
+    ``preset_config`` dict (what its name fixes) for the same shortcut; otherwise the preset is built on
+    the meta device and its ``config`` read.
+    """
+    arch = registry_arch(name)
+    if arch.name == "dit":
+        return dict(
+            input_size=list(to_2tuple(32 if input_size is None else input_size)),
+            in_channels=4,
+            mlp_ratio=4.0,
+            learn_sigma=True,
+            **preset_of(name),
+        )
+    factory = arch.presets[name]
+    preset = getattr(factory, "preset_config", None)
+    if preset is not None:
+        size = 32 if input_size is None else input_size
+        size = list(to_2tuple(size)) if isinstance(size, int) else [int(s) for s in size]
+        return dict(input_size=size, in_channels=4, mlp_ratio=4.0, learn_sigma=True, **preset)
+    with torch.device("meta"):
+        return dict(factory(**({} if input_size is None else {"input_size": input_size})).config)
 
 
 def cost_model(
     model: nn.Module | str, latent_shape: int | Sequence[int] | None = None, lora_rank: int = 0
 ) -> CostModel:
-    """The cost model of a network of any registered arch, or of a DiT registry name, at ``latent_shape``
+    """The cost model of a network of any registered arch, or of a preset name of any arch, at ``latent_shape``
     ((H, W) or (F, H, W); default the model's input size); ``lora_rank`` counts unmerged adapters."""
     if isinstance(model, str):
-        config, terms = registry_config(model), DIT_TERMS
+        config, terms = registry_config(model), registry_arch(model).cost_terms
     else:
         config, terms = dict(model.config), arch_of(model).cost_terms
     latent = config["input_size"] if latent_shape is None else latent_shape

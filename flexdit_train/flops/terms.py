@@ -26,8 +26,10 @@ step, but the model recomputes them every forward, and this counts what runs.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
+from flexdit_train.models.edt import stage_plan
 from flexdit_train.models.video_dit import block_attention
 
 # Width of the sinusoidal timestep features fed to the timestep MLP (TimestepEmbedder).
@@ -50,6 +52,8 @@ class ForwardShape:
     attention: str = "full"  # "full", or "factorised" (a video DiT's alternating spatial/temporal blocks)
     text_len: int = 0  # caption tokens of a text DiT
     caption_channels: int = 0  # text encoder width D_text
+    # the model config, for archs whose shape is more than one width and depth (EDT's stages); not compared
+    model_config: Mapping[str, Any] | None = field(default=None, compare=False)
 
     @property
     def frame_tokens(self) -> int:
@@ -93,4 +97,67 @@ TEXT_TERMS: Mapping[str, Term] = {
     "caption_projection": lambda s: s.text_len * (s.caption_channels * s.width + s.width**2),
     "cross_attention": lambda s: s.depth
     * (2 * s.tokens * s.width**2 + 2 * s.text_len * s.width**2 + 2 * s.tokens * s.text_len * s.width),
+}
+
+
+# EDT (arXiv 2410.23788): a U of stages at token grids N, N/4, N/16, N/4, N (K = 2 down-samplings), widths
+# D_s, depths L_s, MLP H_s = mlp_ratio·D_s, and every adaLN linear reading the stage-1-wide condition (D_1).
+# The terms count what the authors' ``get_flops`` counts (matmuls only; the relative-position bias is a
+# gather and an add, AMM an element-wise product, both left out): per block N_s(4D_s² + 2D_sH_s) + 2N_s²D_s
+# + 6·D_1·D_s; per down-sampling 8·D_1·D_s (adaLN) + N_{s+1}·4D_s·D_{s+1} (bias-free reduction); per
+# up-sampling N_{s-1}·D_{s-1}·4D_s (expand) + 4·D_1·D_s (adaLN) + N_s·2D_s·D_s (fuse); plus DiT's patchify,
+# unpatchify, final adaLN and timestep MLP at stage 1. EDT-S/B/XL at 256 px: 2.667 / 10.218 / 53.440 GMAC.
+
+
+def _edt_stages(s: ForwardShape) -> list[tuple[int, int, int, int]]:
+    """(tokens, width, depth, MLP width) of each EDT stage."""
+    config = s.model_config
+    ratio = float(config["mlp_ratio"])
+    return [
+        (s.tokens // 4**k, int(width), int(depth), int(int(width) * ratio))
+        for k, width, depth in zip(stage_plan(config["depths"]), config["widths"], config["depths"], strict=True)
+    ]
+
+
+def _edt_blocks(s: ForwardShape, kind: str) -> int:
+    total = 0
+    for tokens, width, depth, mlp in _edt_stages(s):
+        per_block = {
+            "linear": tokens * (4 * width**2 + 2 * width * mlp),
+            "attention": 2 * tokens**2 * width,
+            "adaln": 6 * s.width * width,
+        }[kind]
+        total += depth * per_block
+    return total
+
+
+def _edt_down(s: ForwardShape) -> int:
+    """Stage i -> i + 1: adaLN D_1 -> 2·4D_i, bias-free reduction 4D_i -> D_{i+1} on the merged tokens."""
+    stages = _edt_stages(s)
+    return sum(
+        8 * s.width * width + tokens_next * 4 * width * width_next
+        for (_, width, _, _), (tokens_next, width_next, _, _) in zip(stages[: len(stages) // 2], stages[1:])
+    )
+
+
+def _edt_up(s: ForwardShape) -> int:
+    """Stage i - 1 -> i: expand D_{i-1} -> 4D_i on the coarse tokens, adaLN D_1 -> 2·2D_i, fuse 2D_i -> D_i."""
+    stages = _edt_stages(s)
+    down = len(stages) // 2
+    return sum(
+        tokens_prev * width_prev * 4 * width + 4 * s.width * width + tokens * 2 * width**2
+        for (tokens_prev, width_prev, _, _), (tokens, width, _, _) in zip(stages[down:-1], stages[down + 1 :])
+    )
+
+
+EDT_TERMS: Mapping[str, Term] = {
+    "linear": lambda s: _edt_blocks(s, "linear"),
+    "attention": lambda s: _edt_blocks(s, "attention"),
+    "adaln": lambda s: _edt_blocks(s, "adaln"),
+    "downsample": _edt_down,
+    "upsample": _edt_up,
+    "patchify": DIT_TERMS["patchify"],
+    "unpatchify": DIT_TERMS["unpatchify"],
+    "final_adaln": DIT_TERMS["final_adaln"],
+    "timestep_mlp": DIT_TERMS["timestep_mlp"],
 }

@@ -121,6 +121,18 @@ ARCHS: dict[str, Arch] = {
         cost_terms_ref=f"{_TERMS}:TEXT_TERMS",
         official_layout=False,
     ),
+    "edt": Arch(
+        name="edt",
+        static_ref="flexdit_train.models.edt:EDT",
+        flexible_ref="flexdit_train.models.edt:EDT",  # EDT is static: flexify refuses it (see models/edt.py)
+        presets_ref="flexdit_train.models.edt:EDT_models",
+        data_keys=("input_size", "num_classes", "in_channels"),
+        conditioning="class",
+        dropout_key="class_dropout_prob",
+        guides_all_channels=False,  # as the authors' sampler: DiT's first 3 latent channels
+        cost_terms_ref=f"{_TERMS}:EDT_TERMS",
+        official_layout=False,
+    ),
 }
 
 

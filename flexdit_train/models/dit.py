@@ -14,6 +14,8 @@ their forward goes through, which :mod:`flexdit_train.models.flex` overrides to 
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from flexdit_train.models.amm import AttentionModulation, modulated_attention
 from flexdit_train.models.arch import arch_of
 
 
@@ -182,7 +185,12 @@ class LabelEmbedder(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with fused qkv (q, k, v stacked on the output dim) and SDPA."""
+    """Multi-head self-attention with fused qkv (q, k, v stacked on the output dim) and SDPA.
+
+    ``modulation`` (set by :meth:`PatchModel.set_attention_modulation`) switches this block to EDT's
+    attention modulation (:mod:`flexdit_train.models.amm`): an explicit softmax whose map is multiplied
+    by the AMM of the current token grid; None (the default) keeps the SDPA path.
+    """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
         super().__init__()
@@ -192,12 +200,16 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
+        self.modulation: Callable[[int, torch.device], torch.Tensor] | None = None  # tokens, device -> (T, T)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, t, d = x.shape
         qkv = self.qkv(x).reshape(n, t, 3, self.num_heads, self.head_dim)  # (N, T, 3, H, hd)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (N, H, T, hd)
-        x = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, hd)
+        if self.modulation is None:
+            x = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, hd)
+        else:
+            x = modulated_attention(q, k, v, self.modulation(t, x.device))  # (N, H, T, hd)
         x = x.transpose(1, 2).reshape(n, t, d)  # (N, T, D)
         return self.proj(x)
 
@@ -392,6 +404,56 @@ class PatchModel(nn.Module):
         """One block call; the blocks of a static model do not depend on the patch size."""
         return block(*args)  # (N, T, D)
 
+    # ------------------------------------------------------------------ attention modulation (EDT's AMM)
+    def attention_layers(self) -> list[tuple[nn.Module, int]]:
+        """(attention module, token-grid downsampling factor) of each block, in block order."""
+        return [(block.attn, 1) for block in self.blocks]
+
+    def set_attention_modulation(self, blocks: Sequence[int] | None) -> None:
+        """EDT's attention modulation matrix (AMM) in the 1-indexed ``blocks`` (e.g. [8, 11]); empty or None
+        turns it off, which restores the SDPA path exactly. A training-free sampling option: the matrix
+        follows the token grid of each forward, so it works at every patch size of a flexible model."""
+        if blocks is not None and (isinstance(blocks, (str, bytes)) or not isinstance(blocks, Sequence)):
+            raise ValueError(f"amm_blocks={blocks!r} must be a list of 1-indexed blocks, e.g. amm_blocks=[8,11]")
+        chosen = sorted({int(b) for b in blocks or ()})
+        layers = self.attention_layers()
+        if chosen and len(self.input_size) != 2:
+            raise ValueError(
+                f"attention modulation (AMM) is defined on 2-D token grids; {type(self).__name__} has "
+                f"{len(self.input_size)}-D latents: use amm_blocks=[] for it"
+            )
+        bad = [b for b in chosen if not 1 <= b <= len(layers)]
+        if bad:
+            raise ValueError(
+                f"amm_blocks {bad} are not blocks of this {len(layers)}-block model; use 1-indexed blocks "
+                f"in 1..{len(layers)}"
+            )
+        for attn, _ in layers:
+            attn.modulation = None
+        self._amm_state = None
+        if chosen:
+            state = AttentionModulation()
+            for b in chosen:
+                attn, downsample = layers[b - 1]
+                attn.modulation = functools.partial(state.matrix, downsample=downsample)
+            self._amm_state = state
+            if not getattr(self, "_amm_hooked", False):
+                # registered once and never removed (it returns at once while AMM is off): a plain function of
+                # the module, so a deep copy (EMA, tests) tracks its own grid
+                self.register_forward_pre_hook(PatchModel._amm_track_grid, with_kwargs=True)
+                self._amm_hooked = True
+        self.amm_blocks = tuple(chosen)
+
+    def _amm_track_grid(self, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook: the token grid of this call's latents and patch size, for the AMM blocks."""
+        state = getattr(self, "_amm_state", None)
+        if state is None:
+            return
+        bound = inspect.signature(self.forward).bind(*args, **kwargs).arguments
+        x = bound["x"]
+        p = self.check_patch_size(bound.get("patch_size"), x.shape[-2:])
+        state.grid = (x.shape[-2] // p, x.shape[-1] // p)
+
     # ------------------------------------------------------------------ guidance
     def forward_with_cfg(
         self,
@@ -410,7 +472,8 @@ class PatchModel(nn.Module):
         2.27), and the video and text DiTs all; ``True``/``False`` force all/3.
         """
         half = x[: len(x) // 2]  # (N/2, C, ...)
-        out = self.forward(torch.cat([half, half], dim=0), t, y, **kwargs)  # (N, C_out, ...)
+        # through __call__ so forward hooks (the AMM token grid) run
+        out = self(torch.cat([half, half], dim=0), t, y, **kwargs)  # (N, C_out, ...)
         cond, uncond = out.chunk(2)
         channels = arch_of(self).guided_channels(self, guide_all_channels)
         guided = apply_guidance(cond, uncond, cfg_scale, channels)

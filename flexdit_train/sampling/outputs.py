@@ -111,6 +111,7 @@ def sampling_card(
         "guidance": sampler.guidance if schedule.cfg else "none",
         "weak_guidance_scale": float(sampler.weak_scale),
         "guide_all_channels": arch.guide_all_channels(sampler.guide_all_channels),
+        "amm_blocks": list(getattr(model, "amm_blocks", ())),
         "vae": vae,
         "latent_scale_factor": float(latent_scale_factor),
         "budget": schedule.name,

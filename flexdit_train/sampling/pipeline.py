@@ -228,6 +228,7 @@ class Sampler:
         latent_scale_factor: float = 0.18215,
         compile: bool = False,
         precision: str = "fp32",
+        amm_blocks: Sequence[int] | None = None,
         **options: Any,
     ) -> Sampler:
         """Load a checkpoint onto ``device`` and build its sampler (``options``: :meth:`for_model`'s).
@@ -235,9 +236,11 @@ class Sampler:
         With ``merge_lora`` a LoRA model gets merged copies of its weak-step weights (no FLOPs overhead;
         a second copy of the block weights, so only when weak steps run); ``vae`` is a local AutoencoderKL.
         ``compile`` wraps the network in ``torch.compile`` after merging; ``precision`` "bf16" samples under
-        bf16 autocast.
+        bf16 autocast. ``amm_blocks`` (1-indexed) turns on EDT's training-free attention modulation there.
         """
         model = from_pretrained(checkpoint, prefer_ema=use_ema).to(device).eval()
+        if amm_blocks:
+            model.set_attention_modulation(list(amm_blocks))
         lora_merged = bool(merge_lora) and (getattr(model, "flex_config", None) or {}).get("mode") == "lora"
         decode = None if vae is None else latent_decoder(vae, latent_scale_factor, device)
         sampler = cls.for_model(model, budget, steps, cfg, decode, lora_merged=lora_merged, **options)
@@ -250,7 +253,7 @@ class Sampler:
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], knobs: Mapping[str, Any], device: torch.device) -> Sampler:
         """:meth:`from_checkpoint` as the apps' configs spell it: ``checkpoint``, ``budget``, ``use_ema``,
-        ``merge_lora`` and ``weak_patch_size`` at the top level of ``cfg``, the sampling knobs in ``knobs``
+        ``merge_lora``, ``weak_patch_size`` and ``amm_blocks`` at the top level of ``cfg``, the sampling knobs in ``knobs``
         (conf/sample.yaml: ``cfg`` itself; conf/evaluate.yaml: its ``eval`` preset)."""
         return cls.from_checkpoint(
             cfg["checkpoint"], budget=cfg["budget"], steps=knobs["sampling_steps"], cfg=knobs["cfg_scale"],
@@ -259,6 +262,7 @@ class Sampler:
             weak_guidance=knobs["weak_guidance_scale"], guidance=knobs["guidance"],
             guide_all_channels=knobs["guide_all_channels"], clip_denoised=knobs["clip_denoised"],
             cache=cfg.get("cache"), compile=bool(cfg.get("compile", False)), precision=str(cfg.get("precision", "fp32")),
+            amm_blocks=cfg.get("amm_blocks"),
         )
 
     def generate(self, condition: torch.Tensor | Mapping[str, torch.Tensor], seed: int, indices: Sequence[int],
