@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from helpers.config import compose_train
-from helpers.models import perturbed_dit
+from helpers.models import perturb_trainable, perturbed_dit
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
@@ -46,11 +46,7 @@ def tiny_edt(seed: int = 0, perturb: bool = True, **overrides) -> EDT:
                   num_heads=(2, 2, 4, 2, 2), num_classes=10)
     model = EDT(**{**kwargs, **overrides})
     if perturb:  # adaLN-Zero and the zero output layer make a fresh model predict 0
-        gen = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.add_(0.05 * torch.randn(p.shape, generator=gen))
+        perturb_trainable(model, seed + 1)
     return model.eval()
 
 

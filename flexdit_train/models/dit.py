@@ -501,7 +501,29 @@ class ClassConditional:
         return modulate(self.final_layer.norm_final(x), shift, scale)  # (N, T, D)
 
 
-class DiT(ClassConditional, PatchModel):
+class SquarePatchImage:
+    """The PatchModel hooks of the class-conditional 2-D image networks (DiT, EDT): one int patch p for a
+    p x p patch, the class count in ``num_classes``."""
+
+    def _init_settings(self, config: dict[str, Any], native_patch: int) -> None:
+        super()._init_settings(config, native_patch)
+        self.patch_size = native_patch
+        self.num_classes = config["num_classes"]
+
+    _canonical_patch = staticmethod(square_patch)
+
+    @staticmethod
+    def _patch_dims(patch: int) -> tuple[int, int]:
+        return (patch, patch)
+
+    def grid_size(self, latent_hw: Sequence[int], patch_size: int | None = None) -> tuple[int, int]:
+        p = patch_size or self.native_patch_size
+        h, w = to_2tuple(latent_hw)
+        check_patch_divides((h, w), p)
+        return h // p, w // p
+
+
+class DiT(ClassConditional, SquarePatchImage, PatchModel):
     """Diffusion model with a Transformer backbone."""
 
     def __init__(
@@ -547,24 +569,6 @@ class DiT(ClassConditional, PatchModel):
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights(label_embed_std)
-
-    def _init_settings(self, config: dict[str, Any], native_patch: int) -> None:
-        super()._init_settings(config, native_patch)
-        self.patch_size = native_patch
-        self.num_classes = config["num_classes"]
-
-    # ------------------------------------------------------------------ PatchModel hooks
-    _canonical_patch = staticmethod(square_patch)
-
-    @staticmethod
-    def _patch_dims(patch: int) -> tuple[int, int]:
-        return (patch, patch)
-
-    def grid_size(self, latent_hw: Sequence[int], patch_size: int | None = None) -> tuple[int, int]:
-        p = patch_size or self.native_patch_size
-        h, w = to_2tuple(latent_hw)
-        check_patch_divides((h, w), p)
-        return h // p, w // p
 
     def initialize_weights(self, label_embed_std: float = 0.02) -> None:
         """DiT's initialisation. ``label_embed_std`` (DiT: 0.02) only matters when training from scratch:

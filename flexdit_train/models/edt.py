@@ -33,7 +33,6 @@ patch sizes) is out of scope; the arch registry's ``flexible_ref`` points at thi
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -49,12 +48,12 @@ from flexdit_train.models.dit import (
     LabelEmbedder,
     PatchEmbed,
     PatchModel,
+    SquarePatchImage,
     TimestepEmbedder,
     cached_table,
     check_patch_divides,
     modulate,
     sincos_2d,
-    square_patch,
     to_2tuple,
     unpatchify,
 )
@@ -202,7 +201,7 @@ class PatchExpand(nn.Module):
         return self.fuse(modulate(self.norm(x), shift, scale)) + self.pos_embed  # (N, 4hw, C_next)
 
 
-class EDT(ClassConditional, PatchModel):
+class EDT(ClassConditional, SquarePatchImage, PatchModel):
     """U-shaped EDT with DiT's interface: ``forward(x, t, y)``, ``forward_with_cfg``, ``config``."""
 
     def __init__(
@@ -275,23 +274,6 @@ class EDT(ClassConditional, PatchModel):
         )
         self.final_layer = FinalLayer(widths[-1], patch_size, self.out_channels)
         self.initialize_weights(label_embed_std)
-
-    def _init_settings(self, config: dict[str, Any], native_patch: int) -> None:
-        super()._init_settings(config, native_patch)
-        self.patch_size = native_patch
-        self.num_classes = config["num_classes"]
-
-    _canonical_patch = staticmethod(square_patch)
-
-    @staticmethod
-    def _patch_dims(patch: int) -> tuple[int, int]:
-        return (patch, patch)
-
-    def grid_size(self, latent_hw: Sequence[int], patch_size: int | None = None) -> tuple[int, int]:
-        p = patch_size or self.native_patch_size
-        h, w = to_2tuple(latent_hw)
-        check_patch_divides((h, w), p)
-        return h // p, w // p
 
     def initialize_weights(self, label_embed_std: float = 0.02) -> None:
         """DiT's initialisation (xavier linears, N(0, 0.02) timestep MLP, zero output), sin-cos tables of every

@@ -30,10 +30,14 @@ def perturbed_dit(seed: int = 0, perturb: bool = True) -> DiT:
     model = DiT(
         input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10
     )
-    if perturb:
-        gen = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    return model.eval()
+    return (perturb_trainable(model, seed + 1) if perturb else model).eval()
+
+
+def perturb_trainable(model: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.nn.Module:
+    """Add seeded noise to every trainable weight: adaLN-Zero and zero output layers then give non-trivial outputs."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn(p.shape, generator=gen))
+    return model
