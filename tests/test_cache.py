@@ -191,7 +191,9 @@ def test_a_compute_target_over_both_axes_caches_only_what_weak_steps_cannot_save
     static_model = tiny(depth=4)
     cached = Sampler.for_model(static_model, {**below, "compute_fraction": 0.5}, "ddim20", cfg=1.0).schedule
     assert cached.compute_fraction(cost) <= 0.5 and set(cached.cond_patch_sizes) == {2}
-    with pytest.raises(ValueError, match="out of reach of fora caching with intervals up to 2"):
-        Sampler.for_model(static_model, {**below, "compute_fraction": 0.1, "max_interval": 2}, "ddim20", cfg=1.0)
+    for at_most in (True, False):  # below the cheapest interval: an error, not a silently costlier schedule
+        with pytest.raises(ValueError, match="out of reach of fora caching with intervals up to 2"):
+            Sampler.for_model(static_model, {**below, "compute_fraction": 0.1, "max_interval": 2, "at_most": at_most},
+                              "ddim20", cfg=1.0)
     with pytest.raises(ValueError, match="keep one of them"):
         Sampler.for_model(model, below, "ddim20", cfg=1.0, cache={"policy": "fora", "interval": 3})

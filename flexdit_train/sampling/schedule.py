@@ -405,17 +405,15 @@ def for_target_with_cache(
     if weak_patch is None:
         candidates = [static(num_steps, native_patch, cfg, name).with_cache(dataclasses.replace(policy, interval=n), depth)
                       for n in range(1, int(max_interval) + 1)]
-        fractions = [c.compute_fraction(cost) for c in candidates]
-        if at_most:
-            chosen = next((c for c, f in zip(candidates, fractions) if f <= compute_fraction + _FRACTION_TOL), None)
-        else:
-            chosen = next((c for c, f in zip(candidates[::-1], fractions[::-1])
-                           if f >= compute_fraction - _FRACTION_TOL), None)
-        if chosen is None:
+        fractions = [c.compute_fraction(cost) for c in candidates]  # falling with the interval
+        if compute_fraction < fractions[-1] - _FRACTION_TOL or compute_fraction > 1.0:
             raise ValueError(f"compute fraction {compute_fraction:.4f} is out of reach of {policy.policy} caching with "
-                             f"intervals up to {max_interval} (fractions {min(fractions):.4f}..{max(fractions):.4f}); "
+                             f"intervals up to {max_interval} (fractions {fractions[-1]:.4f}..1); "
                              "change the target or budget.max_interval")
-        return chosen
+        if at_most:  # the least caching within the target
+            return next(c for c, f in zip(candidates, fractions) if f <= compute_fraction + _FRACTION_TOL)
+        # the cheapest that still spends the target, as for_target
+        return next(c for c, f in zip(candidates[::-1], fractions[::-1]) if f >= compute_fraction - _FRACTION_TOL)
     last_error = None
     for n in range(1, int(max_interval) + 1):
         try:
