@@ -179,7 +179,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-name", default="default")
     parser.add_argument("--teacher", type=Path, default=Path(asset_path("mnist_dit_teacher.safetensors")))
-    parser.add_argument("--modes", nargs="+", default=["lora", "shared"], choices=["lora", "shared"])
+    parser.add_argument("--modes", nargs="*", default=["lora", "shared"], choices=["lora", "shared"],
+                        help="flexible modes to train and score (none: only the teacher, control and convergence rows)")
     parser.add_argument("--num-samples", type=int, default=2000, help="generated digits per setting and seed")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3])
