@@ -42,7 +42,7 @@ from flexdit_train.evaluation.mnist_classifier import (
     register_mnist_extractor,
     split_images,
 )
-from flexdit_train.evaluation.report import log_to_wandb, read_table
+from flexdit_train.evaluation.report import log_to_wandb, read_table, seed_statistics, table_row
 from flexdit_train.sampling.schedule import BudgetSchedule
 
 CONF_DIR = str(Path(flexdit_train.__file__).parent / "conf")
@@ -331,6 +331,18 @@ def test_results_table_upserts_rows_and_redraws_the_plot(tmp_path):
     markdown = paths["markdown"].read_text().splitlines()
     assert len(markdown) == 2 + 3 and "| a.pt | paper_70_70 | mnist | weak_first | 46.0% |" in markdown[3]
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_amm_evaluation_is_its_own_row_next_to_the_plain_one(tmp_path):
+    card = {"checkpoint": "t.pt", "budget": "static", "preset": "mnist", "schedule_order": "static",
+            "compute_fraction": 1.0, "gmacs_per_image": 1.0, "nfe": {"cond": {"p4": 20}}, "num_samples": 500,
+            "sampling_steps": "ddim20", "cfg_scale": 1.5, "seed": 0, "metrics": {"fid500": 3.0}, "amm_blocks": []}
+    record_result(tmp_path, table_row(card, "a/eval.json"))
+    paths = record_result(tmp_path, table_row({**card, "amm_blocks": [2, 4], "metrics": {"fid500": 2.5}}, "b/eval.json"))
+    rows = read_table(paths["csv"])  # not an upsert of the plain row: AMM draws other digits
+    assert [(r["budget"], r["order"], r["nfe"], r["fid500"]) for r in rows] == [
+        ("static", "static", 20, 3.0), ("static + amm2-4", "static+amm2-4", 20, 2.5)]
+    assert [len(e["seeds"]) for e in seed_statistics(rows, ["fid500"])] == [1, 1]
 
 
 def test_wandb_failure_is_a_warning_not_an_error(tmp_path, caplog):

@@ -33,9 +33,13 @@ FID_COLUMN = re.compile(r"^fid\d")
 def table_row(card: Mapping, card_path: str | os.PathLike) -> dict:
     """The table row of one eval card: protocol columns, then the metric values, then the card path."""
     nfe = sum(n for branch in card["nfe"].values() for n in branch.values())
+    budget, order = card["budget"], card.get("schedule_order", "")
+    if card.get("amm_blocks"):  # attention modulation changes the samples: its own setting and plot series
+        amm = "amm" + "-".join(str(b) for b in card["amm_blocks"])
+        budget, order = f"{budget} + {amm}", f"{order}+{amm}"
     row = {
-        "checkpoint": card["checkpoint"], "budget": card["budget"], "preset": card["preset"],
-        "order": card.get("schedule_order", ""), "compute_fraction": card["compute_fraction"], "gmacs_per_image": card["gmacs_per_image"], "nfe": nfe,
+        "checkpoint": card["checkpoint"], "budget": budget, "preset": card["preset"],
+        "order": order, "compute_fraction": card["compute_fraction"], "gmacs_per_image": card["gmacs_per_image"], "nfe": nfe,
         "num_samples": card["num_samples"], "sampling_steps": card["sampling_steps"],
         "cfg_scale": card["cfg_scale"], "seed": card["seed"],
     }
