@@ -33,6 +33,9 @@ def build_model(
 
         # Official-layout names are checked against the weights; other archs' checkpoints store their config.
         model = from_pretrained(pretrained, model=name if family.official_layout else None)
+        if family.source_arch is not None and arch_of(model).name == family.source_arch:
+            # a pretrained source model (SparseDiT from a DiT): every layer loaded in order from it
+            model = family.converter(model, name, **kwargs).eval()
         if arch_of(model).name != arch:
             raise ValueError(
                 f"checkpoint {pretrained} holds a {arch_of(model).name}, the model config a {arch}: "
