@@ -82,10 +82,10 @@ def test_conversion_loads_every_layer_from_its_source_block():
             assert torch.equal(dst[f"blocks.{i}.attn.v.weight"], qkv_w[2 * d :])  # the v third
             assert torch.equal(dst[f"blocks.{i}.attn.v.bias"], qkv_b[2 * d :])
         elif kind in ("sparse_gen", "recovery"):
-            assert torch.equal(dst[f"blocks.{i}.attn.q.weight"], qkv_w[:d])  # the q third
-            assert torch.equal(dst[f"blocks.{i}.attn.q.bias"], qkv_b[:d])
-            assert torch.equal(dst[f"blocks.{i}.attn.kv.weight"], qkv_w[d:])  # the k and v thirds
-            assert torch.equal(dst[f"blocks.{i}.attn.kv.bias"], qkv_b[d:])
+            assert torch.equal(dst[f"blocks.{i}.attn.q_linear.weight"], qkv_w[:d])  # the q third
+            assert torch.equal(dst[f"blocks.{i}.attn.q_linear.bias"], qkv_b[:d])
+            assert torch.equal(dst[f"blocks.{i}.attn.kv_linear.weight"], qkv_w[d:])  # the k and v thirds
+            assert torch.equal(dst[f"blocks.{i}.attn.kv_linear.bias"], qkv_b[d:])
         else:
             assert torch.equal(dst[f"blocks.{i}.attn.qkv.weight"], qkv_w)
         for part in ("attn.proj.weight", "attn.proj.bias", "mlp.fc1.weight", "mlp.fc2.bias",
@@ -100,7 +100,7 @@ def test_conversion_loads_every_layer_from_its_source_block():
     assert dst["blocks.4.merge_sparse.bias"].abs().sum() == dst["blocks.4.merge_dense.bias"].abs().sum() == 0
     # copies, not views of the source: training one leaves the other alone
     with torch.no_grad():
-        model.blocks[1].attn.q.weight.add_(1.0)
+        model.blocks[1].attn.q_linear.weight.add_(1.0)
     assert torch.equal(dit.blocks[1].attn.qkv.weight[:d], src["blocks.1.attn.qkv.weight"][:d])
     assert not model.pos_embed.requires_grad and arch_of(model).name == "sparse_dit"
 
@@ -387,7 +387,7 @@ def test_checkpoint_round_trip_and_build_model_conversion(tmp_path):
     converted = build_model(arch="sparse_dit", pretrained=str(dit_path), input_size=16, num_classes=10, **LAYOUT,
                             sparse_grid=3)
     assert converted.config == {**model.config, "sparse_grid": 3}
-    assert torch.equal(converted.state_dict()["blocks.1.attn.q.weight"], model.state_dict()["blocks.1.attn.q.weight"])
+    assert torch.equal(converted.state_dict()["blocks.1.attn.q_linear.weight"], model.state_dict()["blocks.1.attn.q_linear.weight"])
     with pytest.raises(ValueError, match="holds a sparse_dit, the model config a dit"):
         build_model(arch="dit", pretrained=str(path))
     with pytest.raises(ValueError, match="width 64 and 4 heads, SparseDiT-XL/2 1152"):
@@ -404,7 +404,7 @@ def test_model_configs_compose_and_convert_the_mnist_teacher():
     assert model.layout == ["pooling", "sparse_gen", "sparse", "recovery"]
     assert model.config["sparse_grid_range"] == [3, 5] and model.config["sparse_grid"] == 4
     teacher = from_pretrained(cfg.model.pretrained)
-    assert torch.equal(model.blocks[3].attn.kv.weight, teacher.blocks[3].attn.qkv.weight[128:])
+    assert torch.equal(model.blocks[3].attn.kv_linear.weight, teacher.blocks[3].attn.qkv.weight[128:])
 
 
 #################################################################################

@@ -22,8 +22,9 @@ def build_model(
 ) -> nn.Module:
     """Build the network described by a model config.
 
-    ``arch`` picks the family (:mod:`flexdit_train.models.arch`: dit, video_dit, text_dit). ``pretrained``
-    loads a checkpoint (its shapes and arch win) and checks them against the data-derived sizes in
+    ``arch`` picks the family (:mod:`flexdit_train.models.arch`: dit, video_dit, text_dit, edt, sparse_dit).
+    ``pretrained`` loads a checkpoint (its shapes and arch win; a checkpoint of the arch's ``source_arch``, a DiT
+    for sparse_dit, is converted with the config's layout) and checks them against the data-derived sizes in
     ``kwargs``; ``name`` picks a registry preset, which fixes the sizes of :data:`PRESET_SIZES`; otherwise
     the explicit sizes in ``kwargs`` build the model.
     """

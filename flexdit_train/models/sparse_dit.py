@@ -21,7 +21,8 @@ Re-implemented from the paper and checked against the layout of the authors' rel
 * The top ``dense`` DiT blocks and DiT's embedders and final layer are unchanged.
 
 Every layer keeps DiT's submodule names (``blocks.i.adaLN_modulation``, ``.mlp.fc1``, ``.attn.proj``; the
-cross-attention splits ``qkv`` into ``attn.q`` and ``attn.kv``, the Poolingformer keeps ``attn.v``), and
+cross-attention, the text DiT's, splits ``qkv`` into ``attn.q_linear`` and ``attn.kv_linear``, the Poolingformer
+keeps ``attn.v``), and
 :meth:`SparseDiT.from_dit` loads layer i from the source DiT's block i. The sparse grid is a forward argument
 (``sparse_grid``; the config's ``sparse_grid`` when None), so a sampler can change it per step (SparseDiT's
 temporal token density: :class:`flexdit_train.sampling.schedule.SparseDensity`); the network knows nothing about
@@ -59,6 +60,7 @@ from flexdit_train.models.dit import (
     to_2tuple,
     unpatchify,
 )
+from flexdit_train.models.text_dit import CrossAttention
 
 # Layer kinds, in the order an SDTM runs them (``sdtm_layers`` counts each).
 POOLING, SPARSE_GEN, SPARSE, RECOVERY, DENSE = "pooling", "sparse_gen", "sparse", "recovery", "dense"
@@ -135,29 +137,6 @@ class PoolingAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = self.v(x).mean(dim=1, keepdim=True)  # (N, 1, D)
         return self.proj(pooled).expand_as(x)  # (N, T, D)
-
-
-class CrossAttention(nn.Module):
-    """Multi-head attention of ``x`` (queries) over ``context`` (keys, values): DiT's qkv split into q and kv."""
-
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.q = nn.Linear(dim, dim, bias=True)
-        self.kv = nn.Linear(dim, 2 * dim, bias=True)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        n, t, d = x.shape
-        m = context.shape[1]
-        q = self.q(x).reshape(n, t, self.num_heads, self.head_dim).transpose(1, 2)  # (N, H, T, hd)
-        kv = self.kv(context).reshape(n, m, 2, self.num_heads, self.head_dim)  # (N, M, 2, H, hd)
-        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (N, H, M, hd)
-        x = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, hd)
-        return self.proj(x.transpose(1, 2).reshape(n, t, d))  # (N, T, D)
 
 
 #################################################################################
@@ -419,8 +398,8 @@ class SparseDiT(ClassConditional, SquarePatchImage, PatchModel):
 def converted_state_dict(dit_state: dict[str, torch.Tensor], layout: Sequence[str]) -> dict[str, torch.Tensor]:
     """A DiT state dict in SparseDiT's keys (without the recovery merges): block i fills layer i of ``layout``.
 
-    Self-attention blocks keep ``attn.qkv``; cross-attention takes ``attn.q`` from the q third of ``qkv`` and
-    ``attn.kv`` from its k and v thirds; the Poolingformer takes ``attn.v`` from the v third. Views, not copies.
+    Self-attention blocks keep ``attn.qkv``; cross-attention takes ``attn.q_linear`` from the q third of ``qkv`` and
+    ``attn.kv_linear`` from its k and v thirds; the Poolingformer takes ``attn.v`` from the v third. Views, not copies.
     """
     out = {}
     for key, value in dit_state.items():
@@ -437,8 +416,8 @@ def converted_state_dict(dit_state: dict[str, torch.Tensor], layout: Sequence[st
         if kind == POOLING:
             out[f"{prefix}.v.{leaf}"] = value[2 * width :]
         else:
-            out[f"{prefix}.q.{leaf}"] = value[:width]
-            out[f"{prefix}.kv.{leaf}"] = value[width:]
+            out[f"{prefix}.q_linear.{leaf}"] = value[:width]
+            out[f"{prefix}.kv_linear.{leaf}"] = value[width:]
     return out
 
 
@@ -451,38 +430,18 @@ SPARSE_DIT_SIZES = {"XL": (1152, 16, 2, 4, (1, 3, 1, 1), 2)}
 
 
 def _make_factory(name: str, hidden: int, heads: int, pooling: int, sdtm: int, layers: tuple, top: int, patch: int):
-    def factory(
-        input_size: int | Sequence[int] = 32,
-        num_classes: int = 1000,
-        in_channels: int = 4,
-        learn_sigma: bool = True,
-        class_dropout_prob: float = 0.1,
-        **kwargs,
-    ) -> SparseDiT:
-        # the name fixes the sizes and the layer layout; the sparse grids follow the latent size unless given
-        for key in ("hidden_size", "depth", "num_heads", "patch_size", "num_pooling", "num_sdtm", "sdtm_layers",
-                    "num_top"):
-            kwargs.pop(key, None)
-        return SparseDiT(
-            input_size=input_size,
-            patch_size=patch,
-            in_channels=in_channels,
-            hidden_size=hidden,
-            num_heads=heads,
-            num_pooling=pooling,
-            num_sdtm=sdtm,
-            sdtm_layers=layers,
-            num_top=top,
-            num_classes=num_classes,
-            learn_sigma=learn_sigma,
-            class_dropout_prob=class_dropout_prob,
-            **kwargs,
-        )
+    fixed = dict(patch_size=patch, hidden_size=hidden, num_heads=heads, num_pooling=pooling, num_sdtm=sdtm,
+                 sdtm_layers=list(layers), num_top=top)
+
+    def factory(**kwargs: Any) -> SparseDiT:
+        # the name fixes the sizes and the layer layout (a config's own give way, as DiT's names do); the shapes,
+        # the sparse grids (default: from the latent size) and the rest come from kwargs
+        kwargs.pop("depth", None)
+        return SparseDiT(**{**kwargs, **fixed})
 
     factory.__name__ = name.replace("-", "_").replace("/", "_")
     factory.__doc__ = (f"{name}: width {hidden}, {heads} heads, {pooling} Poolingformer, {sdtm} SDTM x {list(layers)}, "
                        f"{top} top blocks, patch {patch}.")
-    factory.source_dit = name.replace("SparseDiT-", "DiT-")  # the DiT preset its weights come from
     return factory
 
 
