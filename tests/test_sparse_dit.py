@@ -275,6 +275,9 @@ def test_density_schedule_is_data_priced_by_the_cost_model():
     # both branches at each step's grid; the reference is the dense DiT-XL/2 (118.62 GMAC per forward)
     assert schedule.macs(cost) == pytest.approx(2 * 250 * 68.0504e9, rel=1e-6)
     assert schedule.compute_fraction(cost) == pytest.approx(68.0504 / 118.6214, rel=1e-5)
+    unguided = sparse_density(250, 2, density, cfg=False)
+    assert unguided.macs(cost) == pytest.approx(schedule.macs(cost) / 2)
+    assert unguided.compute_fraction(cost) == pytest.approx(schedule.compute_fraction(cost))
     assert static(250, 2).compute_fraction(cost) == pytest.approx(67.4745 / 118.6214, rel=1e-5)  # fixed 8x8
     assert BudgetSchedule.from_dict(json.loads(json.dumps(schedule.to_dict()))) == schedule
     assert "sparse grid s6x63 -> s7x38 -> s8x43 -> s9x50 -> s10x56" in schedule.describe()

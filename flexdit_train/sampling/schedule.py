@@ -146,8 +146,8 @@ class BudgetSchedule:
         a reused block costs nothing and a forecast of order o its o + 1 multiply-adds per feature, which the
         cost prices (:meth:`flexdit_train.flops.CostModel.block_macs`, ``forecast_macs``)."""
         if self.sparse_grids is not None:
-            return sum(cost(p, sparse_grid=g) for branch in (self.cond_patch_sizes, self.guidance_patch_sizes)
-                       for p, g in zip(branch or (), self.sparse_grids, strict=True))
+            branches = [b for b in (self.cond_patch_sizes, self.guidance_patch_sizes) if b is not None]
+            return sum(cost(p, sparse_grid=g) for branch in branches for p, g in zip(branch, self.sparse_grids, strict=True))
         if self.block_plan is None:
             return sum(n * cost(p) for branch in self.nfe().values() for p, n in branch.items())
         if not hasattr(cost, "block_macs"):
