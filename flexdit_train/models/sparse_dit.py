@@ -22,16 +22,15 @@ Re-implemented from the paper and checked against the layout of the authors' rel
 
 Every layer keeps DiT's submodule names (``blocks.i.adaLN_modulation``, ``.mlp.fc1``, ``.attn.proj``; the
 cross-attention, the text DiT's, splits ``qkv`` into ``attn.q_linear`` and ``attn.kv_linear``, the Poolingformer
-keeps ``attn.v``), and
-:meth:`SparseDiT.from_dit` loads layer i from the source DiT's block i. The sparse grid is a forward argument
+keeps ``attn.v``), and :meth:`SparseDiT.from_dit` loads layer i from the source DiT's block i. The sparse grid is a forward argument
 (``sparse_grid``; the config's ``sparse_grid`` when None), so a sampler can change it per step (SparseDiT's
 temporal token density: :class:`flexdit_train.sampling.schedule.SparseDensity`); the network knows nothing about
 diffusion. Static (one patch size): flexify refuses it, as it refuses EDT. The samplers' block caching is refused
 too: its plans price every block alike, and SparseDiT's blocks run on different token counts.
 
-Two choices keep the multiply-adds those of the released layers (the count the paper's 68.05 GMAC comes from):
-the Poolingformer applies ``v`` to every token before the mean (``v(mean(x))`` would be equal up to rounding and
-cheaper), and the recovery merge applies ``merge_sparse`` after the upsampling.
+Two choices keep the linears of the released code, on which the paper's GMAC figures were counted: the
+Poolingformer applies ``v`` to every token before the mean (``v(mean(x))`` would be equal up to rounding and
+cheaper), and the recovery merge applies ``merge_sparse`` after the upsampling (not on the s² tokens before it).
 """
 
 from __future__ import annotations
@@ -44,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from flexdit_train.models.arch import arch_of
 from flexdit_train.models.dit import (
     ClassConditional,
     DiTBlock,
@@ -307,8 +307,6 @@ class SparseDiT(ClassConditional, SquarePatchImage, PatchModel):
         final layer): block i of the DiT fills layer i. ``layout``: the SparseDiT arguments that are not the DiT's
         (num_pooling, num_sdtm, sdtm_layers, num_top, sparse_grid, sparse_grid_range; label_embed_std is ignored).
         """
-        from flexdit_train.models.arch import arch_of
-
         if arch_of(dit).name != "dit" or getattr(dit, "flex_config", None) is not None:
             raise ValueError(
                 f"SparseDiT converts a static DiT, got a {type(dit).__name__}; export the native DiT first "
