@@ -56,9 +56,7 @@ from flexdit_train.models.dit import (
     TimestepEmbedder,
     check_patch_divides,
     modulate,
-    sincos_2d,
     to_2tuple,
-    unpatchify,
 )
 from flexdit_train.models.text_dit import CrossAttention
 
@@ -289,13 +287,7 @@ class SparseDiT(ClassConditional, SquarePatchImage, PatchModel):
 
     def initialize_weights(self, label_embed_std: float = 0.02) -> None:
         """DiT's initialisation, adaLN-Zero in every block, and the recovery merges at W1 = 0, W2 = I."""
-        self._init_linears_and_patch_embed()
-        self.pos_embed.data.copy_(sincos_2d(self.hidden_size, self.grid_size(self.input_size)).unsqueeze(0))
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=label_embed_std)
-        self._init_timestep_mlp_and_output()
-        for module in [*self.blocks, self.final_layer]:
-            nn.init.zeros_(module.adaLN_modulation[-1].weight)
-            nn.init.zeros_(module.adaLN_modulation[-1].bias)
+        self._init_image_weights(label_embed_std)
         for block in self.blocks:
             if isinstance(block, RecoveryBlock):
                 block.reset_merge()
@@ -345,8 +337,10 @@ class SparseDiT(ClassConditional, SquarePatchImage, PatchModel):
         return block(*args)
 
     def run_sparse_blocks(self, x: torch.Tensor, c: torch.Tensor, dense_hw: tuple[int, int],
-                          sparse_hw: tuple[int, int]) -> torch.Tensor:
-        """(N, H*W, D) dense tokens through every layer; each SDTM pools them to ``sparse_hw`` and recovers them."""
+                          sparse_grid: int | Sequence[int] | None) -> torch.Tensor:
+        """(N, H*W, D) dense tokens through every layer; each SDTM pools them to the sparse grid (None: the config's)
+        and recovers them."""
+        sparse_hw = sparse_grid_pair(self.sparse_grid if sparse_grid is None else sparse_grid, dense_hw)
         dense = x
         previous = None
         for kind, block in zip(self.layout, self.blocks, strict=True):
@@ -382,15 +376,9 @@ class SparseDiT(ClassConditional, SquarePatchImage, PatchModel):
                 "SparseDiT does not support block caching (its layers cost differently per sparse grid); sample it "
                 "with cache=none and a budget without cache_policy"
             )
-        p = self.check_patch_size(patch_size, x.shape[-2:])
-        grid = (x.shape[-2] // p, x.shape[-1] // p)
-        sparse_hw = sparse_grid_pair(self.sparse_grid if sparse_grid is None else sparse_grid, grid)
-        x = self.embed_patches(x, p) + self.position_embedding(grid, p)  # (N, T, D)
-        c = self.embed_condition(t, y, force_drop_ids)  # (N, D)
-        x = self.run_sparse_blocks(x, c, grid, sparse_hw)  # (N, T, D)
-        x = self.final_modulation(x, c)  # (N, T, D)
-        x = self.project_out(x, p)  # (N, T, p*p*C_out)
-        return unpatchify(x, grid, p, self.out_channels)  # (N, C_out, H, W)
+        return self._image_forward(
+            x, t, y, patch_size, force_drop_ids, lambda h, c, grid, p: self.run_sparse_blocks(h, c, grid, sparse_grid)
+        )
 
 
 def converted_state_dict(dit_state: dict[str, torch.Tensor], layout: Sequence[str]) -> dict[str, torch.Tensor]:
