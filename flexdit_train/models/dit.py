@@ -523,6 +523,15 @@ class SquarePatchImage:
         check_patch_divides((h, w), p)
         return h // p, w // p
 
+    def _init_embedders(self, class_dropout_prob: float) -> None:
+        """DiT's ``x_embedder``, ``t_embedder``, ``y_embedder`` and ``pos_embed`` at the settings' sizes, in DiT's order."""
+        self.x_embedder = PatchEmbed(self.native_patch_size, self.in_channels, self.hidden_size)
+        self.t_embedder = TimestepEmbedder(self.hidden_size)
+        self.y_embedder = LabelEmbedder(self.num_classes, self.hidden_size, class_dropout_prob)
+        grid = self.grid_size(self.input_size)
+        # A frozen Parameter (not a buffer) so the key and the 675.1M parameter count match the official model.
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1], self.hidden_size), requires_grad=False)
+
     def _init_image_weights(self, label_embed_std: float) -> None:
         """DiT's initialisation of the shared parts and adaLN-Zero: every block starts as the identity, the output
         layer at zero."""
@@ -592,12 +601,7 @@ class DiT(ClassConditional, SquarePatchImage, PatchModel):
         )
         self.grad_checkpointing = grad_checkpointing
 
-        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
-        grid = self.grid_size(self.input_size)
-        # A frozen Parameter (not a buffer) so the key and the 675.1M parameter count match the official model.
-        self.pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1], hidden_size), requires_grad=False)
+        self._init_embedders(class_dropout_prob)
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights(label_embed_std)

@@ -48,12 +48,9 @@ from flexdit_train.models.dit import (
     ClassConditional,
     DiTBlock,
     FinalLayer,
-    LabelEmbedder,
     Mlp,
-    PatchEmbed,
     PatchModel,
     SquarePatchImage,
-    TimestepEmbedder,
     check_patch_divides,
     modulate,
     to_2tuple,
@@ -277,10 +274,7 @@ class SparseDiT(ClassConditional, SquarePatchImage, PatchModel):
         self.layout = layout
         self.sparse_grid = sparse_grid
 
-        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
-        self.pos_embed = nn.Parameter(torch.zeros(1, dense_hw[0] * dense_hw[1], hidden_size), requires_grad=False)
+        self._init_embedders(class_dropout_prob)
         self.blocks = nn.ModuleList(BLOCK_CLASSES[kind](hidden_size, num_heads, mlp_ratio) for kind in layout)
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights(label_embed_std)
