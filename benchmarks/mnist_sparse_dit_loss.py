@@ -88,7 +88,7 @@ def main() -> None:
         terms["loss"].mean().backward()
         optimizer.step()
         if (step + 1) % 100 == 0:
-            print(f"step {step + 1}: loss {float(terms['loss'].mean()):.4f}", flush=True)
+            print(f"step {step + 1}: loss {float(terms['loss'].detach().mean()):.4f}", flush=True)
     if args.steps:
         result["fine_tuned"] = {"steps": args.steps, "batch": args.batch, "lr": args.lr,
                                 "seconds": round(time.monotonic() - start, 1),
