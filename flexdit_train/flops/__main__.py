@@ -4,6 +4,10 @@ Prints the analytic MACs of one forward of a registered preset of any arch (DiT-
 "Gflops") or, with ``--steps T`` and
 ``--powerful-steps x [--powerful-steps-guidance y]`` or ``--budget-fraction F``, the compute of a sampling
 schedule per image and as a share of static sampling (:mod:`flexdit_train.flops.cost`).
+
+A SparseDiT (SparseDiT-XL/2) costs by its sparse grid: ``gmacs`` is one forward averaged over the steps of its
+temporal density schedule (``--steps``, default 250; ``--min-grid``/``--max-grid``/``--hold-fraction``, default
+the model's range and 0.25), with the figures per grid and per step, or one grid's with ``--sparse-grid S``.
 """
 
 from __future__ import annotations
@@ -17,7 +21,17 @@ from typing import Any
 from flexdit_train.flops.cost import CostModel, registry_arch, registry_config
 from flexdit_train.models.arch import ARCHS
 from flexdit_train.models.dit import check_patch_divides, to_2tuple
-from flexdit_train.sampling.schedule import BudgetSchedule, for_target, from_powerful_steps, static
+from flexdit_train.sampling.schedule import (
+    BudgetSchedule,
+    SparseDensity,
+    for_target,
+    from_powerful_steps,
+    static,
+)
+
+# Sampling steps the density schedule of a SparseDiT is averaged over by default: DiT's 250-step DDPM (the FID
+# protocol of DiT and SparseDiT), where the 6x6 -> 10x10 schedule of SparseDiT-XL/2 averages 68.05 GMAC.
+DENSITY_STEPS = 250
 
 #################################################################################
 #                                      CLI                                      #
@@ -83,6 +97,11 @@ def _build_parser() -> argparse.ArgumentParser:
         "--budget-fraction", type=float, help="solve x = y for this share of the static FLOPs"
     )
     schedule.add_argument("--no-cfg", action="store_true", help="no guidance branch")
+    sparse = parser.add_argument_group("SparseDiT token density (--steps T: steps averaged, default 250)")
+    sparse.add_argument("--sparse-grid", type=_positive_int, help="price this one sparse grid side instead")
+    sparse.add_argument("--min-grid", type=_positive_int, help="smallest sparse grid side (default the model's)")
+    sparse.add_argument("--max-grid", type=_positive_int, help="largest sparse grid side (default the model's)")
+    sparse.add_argument("--hold-fraction", type=float, help="share of steps at the smallest grid (default 0.25)")
     return parser
 
 
@@ -177,9 +196,57 @@ def schedule_report(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def sparse_report(args: argparse.Namespace) -> dict[str, Any]:
+    """A SparseDiT's forward: averaged over its density schedule's steps, or at one ``--sparse-grid``."""
+    schedule_flags = (args.weak_patch_size, args.powerful_steps, args.powerful_steps_guidance, args.budget_fraction)
+    if args.no_cfg or any(v is not None for v in schedule_flags):
+        raise ValueError(f"{args.model} has one patch size; its compute varies with the sparse grid "
+                         "(--sparse-grid, --min-grid, --max-grid, --hold-fraction, --steps)")
+    image_hw, latent_hw = _sizes(args)
+    config = registry_config(args.model, latent_hw)
+    p = args.patch_size or config["patch_size"]
+    cost = CostModel(config, latent_hw, registry_arch(args.model).cost_terms)
+    dense = cost.reference(p)
+    report = {
+        "model": args.model,
+        "image_size": _size_json(image_hw),
+        "latent_size": _size_json(latent_hw),
+        "patch_size": p,
+        "tokens": cost.shape(p).tokens,
+        "dense_gmacs": round(dense / 1e9, 4),  # the DiT of the same width and depth it is converted from
+        "fixed_grid": config["sparse_grid"],
+        "fixed_grid_gmacs": round(cost(p) / 1e9, 4),
+    }
+    if args.sparse_grid is not None:
+        macs = cost(p, sparse_grid=args.sparse_grid)
+        report.update(sparse_grid=args.sparse_grid)
+    else:
+        density = SparseDensity.of_model(config, args.min_grid, args.max_grid, args.hold_fraction)
+        grids = density.grids(args.steps or DENSITY_STEPS)
+        per_grid = {g: cost(p, sparse_grid=g) for g in sorted(set(grids))}
+        macs = sum(per_grid[g] for g in grids) / len(grids)
+        report.update(
+            density={"min_grid": density.min_grid, "max_grid": density.max_grid,
+                     "hold_fraction": density.hold_fraction, "steps": len(grids)},
+            gmacs_per_grid={str(g): round(m / 1e9, 4) for g, m in per_grid.items()},
+            grid_per_step=list(grids),
+            gmacs_per_step=[round(per_grid[g] / 1e9, 4) for g in grids],
+        )
+    report.update(gmacs=round(macs / 1e9, 4), gflops=round(2 * macs / 1e9, 4), dense_fraction=round(macs / dense, 6))
+    return report
+
+
 def _report_line(report: dict[str, Any]) -> str:
     size = "x".join(map(str, to_2tuple(report["image_size"])))
     latent = "x".join(map(str, to_2tuple(report["latent_size"])))
+    if "dense_gmacs" in report:
+        how = (f"sparse grid {report['sparse_grid']}" if "sparse_grid" in report else
+               "density {min_grid} -> {max_grid} over {steps} steps".format(**report["density"]))
+        return (
+            f"{report['model']} at {size} px (latent {latent}, {report['tokens']} tokens), {how}: "
+            f"{report['gmacs']:.2f} GMACs per forward, {report['dense_fraction']:.1%} of the dense DiT's "
+            f"{report['dense_gmacs']:.2f}"
+        )
     if "compute_fraction" not in report:
         return (
             f"{report['model']} at {size} px (latent {latent}, patch {report['patch_size']}): "
@@ -197,7 +264,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     try:
-        report = forward_report(args) if args.steps is None else schedule_report(args)
+        sparse_flags = (args.sparse_grid, args.min_grid, args.max_grid, args.hold_fraction)
+        if registry_arch(args.model).name == "sparse_dit":
+            report = sparse_report(args)
+        elif any(v is not None for v in sparse_flags):
+            raise ValueError(f"--sparse-grid, --min-grid, --max-grid and --hold-fraction price a SparseDiT, not {args.model}")
+        else:
+            report = forward_report(args) if args.steps is None else schedule_report(args)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

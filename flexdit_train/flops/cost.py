@@ -16,10 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from flexdit_train.flops.terms import ForwardShape, Term
+from flexdit_train.flops.terms import DIT_TERMS, ForwardShape, Term
 from flexdit_train.models.arch import ARCHS, Arch, arch_of
 from flexdit_train.models.dit import check_patch_divides, to_2tuple
 from flexdit_train.models.loading import preset_of
+from flexdit_train.models.sparse_dit import sparse_grid_pair
 
 
 def _patch(value: Any) -> int | tuple[int, ...]:
@@ -34,6 +35,10 @@ class CostModel:
     ``config`` is a model config (``model.config``), ``latent_shape`` (H, W) or (F, H, W), ``terms`` the
     arch's MAC terms. ``lora_rank`` models unmerged LoRA adapters on every patch except the native one,
     which has none (FlexiDiT's LoRA flavour); leave it 0 for shared weights or merged adapters.
+
+    A SparseDiT (a config with ``sparse_grid``) also costs by its sparse grid: ``cost(patch, sparse_grid=s)``
+    (None: the config's fixed grid). Its :meth:`reference` is the dense DiT of the same width and depth that
+    its weights come from, so compute fractions are shares of the pretrained DiT's compute.
     """
 
     config: Mapping[str, Any]
@@ -45,8 +50,16 @@ class CostModel:
     def native_patch(self) -> int | tuple[int, ...]:
         return _patch(self.config["patch_size"])
 
-    def shape(self, patch: Any) -> ForwardShape:
-        """The sizes one forward at ``patch`` depends on; one-line error when the patch does not tile the latent."""
+    @property
+    def sparse(self) -> bool:
+        """Whether the network runs a sparse token grid per forward (SparseDiT)."""
+        return "sparse_grid" in self.config
+
+    def shape(self, patch: Any, sparse_grid: Any = None) -> ForwardShape:
+        """The sizes one forward at ``patch`` (and a SparseDiT's ``sparse_grid``) depends on; one-line error when
+        the patch does not tile the latent or the sparse grid does not fit the token grid."""
+        if sparse_grid is not None and not self.sparse:
+            raise ValueError(f"sparse_grid={sparse_grid!r} prices a SparseDiT; this model has no sparse token grid")
         p = _patch(patch)
         lora_rank = 0 if p == self.native_patch else self.lora_rank
         if lora_rank < 0:
@@ -69,16 +82,29 @@ class CostModel:
             text_len=self.config.get("text_len", 0),
             caption_channels=self.config.get("caption_channels", 0),
             model_config=self.config,
+            sparse_tokens=math.prod(self._sparse_hw(grid, sparse_grid)) if self.sparse else 0,
         )
 
-    def breakdown(self, patch: Any) -> dict[str, int]:
-        """MACs of one forward at ``patch``, per term."""
-        shape = self.shape(patch)
+    def _sparse_hw(self, grid: Sequence[int], sparse_grid: Any) -> tuple[int, int]:
+        return sparse_grid_pair(self.config["sparse_grid"] if sparse_grid is None else sparse_grid, tuple(grid))
+
+    def breakdown(self, patch: Any, sparse_grid: Any = None) -> dict[str, int]:
+        """MACs of one forward at ``patch`` (and ``sparse_grid``), per term."""
+        shape = self.shape(patch, sparse_grid)
         return {name: term(shape) for name, term in self.terms.items()}
 
-    def __call__(self, patch: Any) -> int:
-        """MACs of one forward at ``patch`` (DiT's "Gflops" x 1e9)."""
-        return sum(self.breakdown(patch).values())
+    def __call__(self, patch: Any, sparse_grid: Any = None) -> int:
+        """MACs of one forward at ``patch`` (DiT's "Gflops" x 1e9); a SparseDiT's at ``sparse_grid`` (None: its
+        config's fixed grid)."""
+        return sum(self.breakdown(patch, sparse_grid).values())
+
+    def reference(self, patch: Any) -> int:
+        """MACs of the full-density forward that compute fractions divide by: this network's at ``patch``, or for a
+        SparseDiT the dense DiT of the same width and depth (the pretrained model it was converted from)."""
+        if not self.sparse:
+            return self(patch)
+        shape = self.shape(patch)
+        return sum(term(shape) for term in DIT_TERMS.values())
 
     def block_macs(self, patch: Any) -> float:
         """MACs of one transformer block at ``patch`` (the blocks' share of a forward over the depth): what a

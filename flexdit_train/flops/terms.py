@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flexdit_train.models.edt import stage_plan
+from flexdit_train.models.sparse_dit import POOLING, RECOVERY, SPARSE, SPARSE_GEN, sparse_layout
 from flexdit_train.models.video_dit import block_attention
 
 # Width of the sinusoidal timestep features fed to the timestep MLP (TimestepEmbedder).
@@ -54,6 +55,7 @@ class ForwardShape:
     caption_channels: int = 0  # text encoder width D_text
     # the model config, for archs whose shape is more than one width and depth (EDT's stages); not compared
     model_config: Mapping[str, Any] | None = field(default=None, compare=False)
+    sparse_tokens: int = 0  # M = sh·sw tokens of SparseDiT's sparse grid in this forward; 0 for the other archs
 
     @property
     def frame_tokens(self) -> int:
@@ -156,6 +158,48 @@ EDT_TERMS: Mapping[str, Term] = {
     "adaln": lambda s: _edt_blocks(s, "adaln"),
     "downsample": _edt_down,
     "upsample": _edt_up,
+    "patchify": DIT_TERMS["patchify"],
+    "unpatchify": DIT_TERMS["unpatchify"],
+    "final_adaln": DIT_TERMS["final_adaln"],
+    "timestep_mlp": DIT_TERMS["timestep_mlp"],
+}
+
+
+# SparseDiT (arXiv 2412.06028): N dense tokens, M = s² sparse tokens, width D, MLP H; per layer kind (matmuls only:
+# the adaptive pooling, the nearest upsampling and the token mean are O(N·D) and left out, as norms are):
+#   pooling     N·D² (v on every token) + D² (proj of the mean, broadcast) + 2·N·D·H
+#   sparse_gen  M·D² (q) + 2·N·D² (kv of the dense tokens) + M·D² (proj) + 2·M·D·H;   attention 2·M·N·D
+#   sparse      DiT's block on M tokens: 4·M·D² + 2·M·D·H;                              attention 2·M²·D
+#   recovery    2·N·D² (merge_sparse on the upsampled, merge_dense) + N·D² (q) + 2·M·D² (kv of the sparse tokens)
+#               + N·D² (proj) + 2·N·D·H;                                               attention 2·N·M·D
+#   dense       DiT's block on N tokens;                                                attention 2·N²·D
+# plus DiT's adaLN (6·D² per layer), patchify, unpatchify, final adaLN and timestep MLP. SparseDiT-XL/2 at 256 px:
+# 60.13 / 63.53 / 67.47 / 71.95 / 76.98 GMAC at s = 6 .. 10 (DiT-XL/2: 118.62).
+
+
+def _sparse_layer(kind: str, n: int, m: int, d: int, h: int) -> tuple[int, int]:
+    """(linear, attention) MACs of one SparseDiT layer of ``kind`` at N dense and M sparse tokens."""
+    if kind == POOLING:
+        return n * d * d + d * d + 2 * n * d * h, 0
+    if kind == SPARSE_GEN:
+        return 2 * m * d * d + 2 * n * d * d + 2 * m * d * h, 2 * m * n * d
+    if kind == SPARSE:
+        return 4 * m * d * d + 2 * m * d * h, 2 * m * m * d
+    if kind == RECOVERY:
+        return 4 * n * d * d + 2 * m * d * d + 2 * n * d * h, 2 * n * m * d
+    return 4 * n * d * d + 2 * n * d * h, 2 * n * n * d  # dense
+
+
+def _sparse_blocks(s: ForwardShape, index: int) -> int:
+    config = s.model_config
+    layout = sparse_layout(config["num_pooling"], config["num_sdtm"], config["sdtm_layers"], config["num_top"])
+    return sum(_sparse_layer(kind, s.tokens, s.sparse_tokens, s.width, s.mlp_hidden)[index] for kind in layout)
+
+
+SPARSE_DIT_TERMS: Mapping[str, Term] = {
+    "linear": lambda s: _sparse_blocks(s, 0),
+    "attention": lambda s: _sparse_blocks(s, 1),
+    "adaln": DIT_TERMS["adaln"],
     "patchify": DIT_TERMS["patchify"],
     "unpatchify": DIT_TERMS["unpatchify"],
     "final_adaln": DIT_TERMS["final_adaln"],

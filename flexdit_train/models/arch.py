@@ -40,6 +40,10 @@ class Arch:
     # Official facebookresearch/DiT files store no config: shapes are read off the tensors and a preset name
     # is checked against them. The other archs load only from files of this project, which store their config.
     official_layout: bool
+    # An arch whose pretrained models this one is converted from ("dit" for SparseDiT), and the converter
+    # (model, name, **config) -> model that build_model calls when model.pretrained holds one of them.
+    source_arch: str | None = None
+    converter_ref: str | None = None
 
     @property
     def static(self) -> type[nn.Module]:
@@ -56,6 +60,10 @@ class Arch:
     @property
     def cost_terms(self) -> Mapping[str, Any]:
         return _resolve(self.cost_terms_ref)
+
+    @property
+    def converter(self) -> Any:
+        return None if self.converter_ref is None else _resolve(self.converter_ref)
 
     def guide_all_channels(self, flag: bool | None) -> bool:
         """An explicit ``guide_all_channels`` setting, or this arch's convention for None."""
@@ -132,6 +140,20 @@ ARCHS: dict[str, Arch] = {
         guides_all_channels=False,  # as the authors' sampler: DiT's first 3 latent channels
         cost_terms_ref=f"{_TERMS}:EDT_TERMS",
         official_layout=False,
+    ),
+    "sparse_dit": Arch(
+        name="sparse_dit",
+        static_ref="flexdit_train.models.sparse_dit:SparseDiT",
+        flexible_ref="flexdit_train.models.sparse_dit:SparseDiT",  # static: flexify refuses it (see models/sparse_dit.py)
+        presets_ref="flexdit_train.models.sparse_dit:SparseDiT_models",
+        data_keys=("input_size", "num_classes", "in_channels"),
+        conditioning="class",
+        dropout_key="class_dropout_prob",
+        guides_all_channels=False,  # converted from DiT: its first 3 latent channels, as the authors' sampler
+        cost_terms_ref=f"{_TERMS}:SPARSE_DIT_TERMS",
+        official_layout=False,
+        source_arch="dit",
+        converter_ref="flexdit_train.models.sparse_dit:convert_pretrained",
     ),
 }
 

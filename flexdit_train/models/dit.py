@@ -502,8 +502,9 @@ class ClassConditional:
 
 
 class SquarePatchImage:
-    """The PatchModel hooks of the class-conditional 2-D image networks (DiT, EDT): one int patch p for a
-    p x p patch, the class count in ``num_classes``."""
+    """The PatchModel hooks of the class-conditional 2-D image networks (DiT, EDT, SparseDiT): one int patch p for
+    a p x p patch, the class count in ``num_classes``; DiT's initialisation and forward around a token pass for the
+    networks on one dense token grid (DiT, SparseDiT)."""
 
     def _init_settings(self, config: dict[str, Any], native_patch: int) -> None:
         super()._init_settings(config, native_patch)
@@ -521,6 +522,46 @@ class SquarePatchImage:
         h, w = to_2tuple(latent_hw)
         check_patch_divides((h, w), p)
         return h // p, w // p
+
+    def _init_embedders(self, class_dropout_prob: float) -> None:
+        """DiT's ``x_embedder``, ``t_embedder``, ``y_embedder`` and ``pos_embed`` at the settings' sizes, in DiT's order."""
+        self.x_embedder = PatchEmbed(self.native_patch_size, self.in_channels, self.hidden_size)
+        self.t_embedder = TimestepEmbedder(self.hidden_size)
+        self.y_embedder = LabelEmbedder(self.num_classes, self.hidden_size, class_dropout_prob)
+        grid = self.grid_size(self.input_size)
+        # A frozen Parameter (not a buffer) so the key and the 675.1M parameter count match the official model.
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1], self.hidden_size), requires_grad=False)
+
+    def _init_image_weights(self, label_embed_std: float) -> None:
+        """DiT's initialisation of the shared parts and adaLN-Zero: every block starts as the identity, the output
+        layer at zero."""
+        self._init_linears_and_patch_embed()
+        self.pos_embed.data.copy_(sincos_2d(self.hidden_size, self.grid_size(self.input_size)).unsqueeze(0))
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=label_embed_std)
+        self._init_timestep_mlp_and_output()
+        for module in [*self.blocks, self.final_layer]:
+            nn.init.zeros_(module.adaLN_modulation[-1].weight)
+            nn.init.zeros_(module.adaLN_modulation[-1].bias)
+
+    def _image_forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        patch_size: int | None,
+        force_drop_ids: torch.Tensor | None,
+        token_pass: Callable[[torch.Tensor, torch.Tensor, tuple[int, int], int], torch.Tensor],
+    ) -> torch.Tensor:
+        """Patchify + positions, the condition, ``token_pass(x, c, grid, p)`` over the (N, T, D) tokens, the final
+        layer and unpatchify: (N, C, H, W) latents -> (N, C_out, H, W)."""
+        p = self.check_patch_size(patch_size, x.shape[-2:])
+        grid = (x.shape[-2] // p, x.shape[-1] // p)
+        x = self.embed_patches(x, p) + self.position_embedding(grid, p)  # (N, T, D)
+        c = self.embed_condition(t, y, force_drop_ids)  # (N, D)
+        x = token_pass(x, c, grid, p)  # (N, T, D)
+        x = self.final_modulation(x, c)  # (N, T, D)
+        x = self.project_out(x, p)  # (N, T, p*p*C_out)
+        return unpatchify(x, grid, p, self.out_channels)  # (N, C_out, H, W)
 
 
 class DiT(ClassConditional, SquarePatchImage, PatchModel):
@@ -560,12 +601,7 @@ class DiT(ClassConditional, SquarePatchImage, PatchModel):
         )
         self.grad_checkpointing = grad_checkpointing
 
-        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
-        grid = self.grid_size(self.input_size)
-        # A frozen Parameter (not a buffer) so the key and the 675.1M parameter count match the official model.
-        self.pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1], hidden_size), requires_grad=False)
+        self._init_embedders(class_dropout_prob)
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights(label_embed_std)
@@ -574,16 +610,7 @@ class DiT(ClassConditional, SquarePatchImage, PatchModel):
         """DiT's initialisation. ``label_embed_std`` (DiT: 0.02) only matters when training from scratch:
         at 0.02 a label vector is ~20x shorter than the timestep embedding, and small models trained for
         a few thousand steps barely learn to use it; ~1.0 makes class conditioning effective at once."""
-        self._init_linears_and_patch_embed()
-        self.pos_embed.data.copy_(sincos_2d(self.hidden_size, self.grid_size(self.input_size)).unsqueeze(0))
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=label_embed_std)
-        self._init_timestep_mlp_and_output()
-        # adaLN-Zero: every block starts as the identity, the output layer starts at zero.
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        self._init_image_weights(label_embed_std)
 
     def forward(
         self,
@@ -599,14 +626,10 @@ class DiT(ClassConditional, SquarePatchImage, PatchModel):
         (N,) replaces the random label dropout with a given mask (1 = null class), so two forwards can see
         exactly the same dropped labels.
         """
-        p = self.check_patch_size(patch_size, x.shape[-2:])
-        grid = (x.shape[-2] // p, x.shape[-1] // p)
-        x = self.embed_patches(x, p) + self.position_embedding(grid, p)  # (N, T, D)
-        c = self.embed_condition(t, y, force_drop_ids)  # (N, D)
-        x = self.run_blocks(x, c, patch_size=p)  # (N, T, D)
-        x = self.final_modulation(x, c)  # (N, T, D)
-        x = self.project_out(x, p)  # (N, T, p*p*C_out)
-        return unpatchify(x, grid, p, self.out_channels)  # (N, C_out, H, W)
+        return self._image_forward(x, t, y, patch_size, force_drop_ids, self._block_pass)
+
+    def _block_pass(self, x: torch.Tensor, c: torch.Tensor, grid: tuple[int, int], patch_size: int) -> torch.Tensor:
+        return self.run_blocks(x, c, patch_size=patch_size)  # (N, T, D)
 
 
 #################################################################################

@@ -22,8 +22,9 @@ def build_model(
 ) -> nn.Module:
     """Build the network described by a model config.
 
-    ``arch`` picks the family (:mod:`flexdit_train.models.arch`: dit, video_dit, text_dit). ``pretrained``
-    loads a checkpoint (its shapes and arch win) and checks them against the data-derived sizes in
+    ``arch`` picks the family (:mod:`flexdit_train.models.arch`: dit, video_dit, text_dit, edt, sparse_dit).
+    ``pretrained`` loads a checkpoint (its shapes and arch win; a checkpoint of the arch's ``source_arch``, a DiT
+    for sparse_dit, is converted with the config's layout) and checks them against the data-derived sizes in
     ``kwargs``; ``name`` picks a registry preset, which fixes the sizes of :data:`PRESET_SIZES`; otherwise
     the explicit sizes in ``kwargs`` build the model.
     """
@@ -33,6 +34,9 @@ def build_model(
 
         # Official-layout names are checked against the weights; other archs' checkpoints store their config.
         model = from_pretrained(pretrained, model=name if family.official_layout else None)
+        if family.source_arch is not None and arch_of(model).name == family.source_arch:
+            # a pretrained source model (SparseDiT from a DiT): every layer loaded in order from it
+            model = family.converter(model, name, **kwargs).eval()
         if arch_of(model).name != arch:
             raise ValueError(
                 f"checkpoint {pretrained} holds a {arch_of(model).name}, the model config a {arch}: "

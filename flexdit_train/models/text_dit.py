@@ -91,7 +91,8 @@ class CaptionEmbedder(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Multi-head attention from image tokens (queries) to caption tokens (keys/values), padding masked."""
+    """Multi-head attention from image tokens (queries) to caption tokens (keys/values), padding masked; also
+    SparseDiT's attention between its sparse and dense tokens (no mask)."""
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -103,13 +104,14 @@ class CrossAttention(nn.Module):
         self.kv_linear = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        # x: (N, T, D) image tokens; cond: (N, L, D) caption tokens; mask: (N, L) bool, True = attend
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        # x: (N, T, D) image tokens; cond: (N, L, D) caption tokens; mask: (N, L) bool, True = attend (None: all)
         n, t, d = x.shape
         q = self.q_linear(x).reshape(n, t, self.num_heads, self.head_dim).transpose(1, 2)  # (N, H, T, hd)
         kv = self.kv_linear(cond).reshape(n, cond.shape[1], 2, self.num_heads, self.head_dim)  # (N, L, 2, H, hd)
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (N, H, L, hd)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])  # (N, H, T, hd)
+        attn_mask = None if mask is None else mask[:, None, None, :]  # (N, 1, 1, L)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (N, H, T, hd)
         return self.proj(x.transpose(1, 2).reshape(n, t, d))  # (N, T, D)
 
 

@@ -46,7 +46,8 @@ class ScheduledDenoiser(nn.Module):
     reproducibility quirk), True all; None follows the arch (DiT: 3, video and text DiTs: all). Unguided
     channels and the learned variance come from the conditional branch. ``block_plan`` (one string per step,
     :mod:`flexdit_train.sampling.cache`) makes the steps compute, reuse or forecast their blocks; the model
-    must run under :func:`flexdit_train.sampling.cache.installed` with :attr:`cache` meanwhile.
+    must run under :func:`flexdit_train.sampling.cache.installed` with :attr:`cache` meanwhile. ``sparse_grids``
+    (one per step; None: none passed) is a SparseDiT's sparse grid side, given to both branches as ``sparse_grid``.
     """
 
     def __init__(
@@ -60,9 +61,15 @@ class ScheduledDenoiser(nn.Module):
         weak_scale: float | None = None,
         guide_all_channels: bool | None = None,
         block_plan: Sequence[str] | None = None,
+        sparse_grids: Sequence[int] | None = None,
     ):
         super().__init__()
         steps = len(timestep_map)
+        if sparse_grids is not None and len(sparse_grids) != steps:
+            raise ValueError(
+                f"the schedule has {len(sparse_grids)} sparse grids but the sampler runs {steps} steps; "
+                "build the budget schedule for the same number of sampling steps"
+            )
         if len(cond_patch_sizes) != steps or (guidance_patch_sizes is not None and len(guidance_patch_sizes) != steps):
             raise ValueError(
                 f"the schedule has {len(cond_patch_sizes)} steps but the sampler runs {steps}; "
@@ -89,9 +96,12 @@ class ScheduledDenoiser(nn.Module):
         self.arch = arch_of(model)
         self.guided_channels = self.arch.guided_channels(model, guide_all_channels)
         self.cache = None if block_plan is None else BlockCache(check_block_plan(block_plan, steps))
+        self.sparse_grids = None if sparse_grids is None else [int(g) for g in sparse_grids]
 
     def _run(self, step: int, branches: str, x: torch.Tensor, t: torch.Tensor, patch: Any, **cond) -> torch.Tensor:
         """One network call of ``step`` carrying ``branches``; a block plan caches per branches and patch size."""
+        if self.sparse_grids is not None:
+            cond = {**cond, "sparse_grid": self.sparse_grids[step]}
         if self.cache is None:
             return self.model(x, t, **cond, patch_size=patch)
         with self.cache.call(step, (branches, patch)):

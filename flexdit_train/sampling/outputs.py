@@ -122,6 +122,9 @@ def sampling_card(
         "compute_fraction": schedule.compute_fraction(cost),
         "gmacs_per_image": schedule.macs(cost) / 1e9,
         "cost_gmacs": {patch_label(p): cost(p) / 1e9 for p in schedule.patch_sizes},
+        # a SparseDiT's forward per sparse grid side of its schedule (at the native patch)
+        "sparse_grid_gmacs": None if schedule.sparse_grids is None else {
+            str(g): cost(schedule.native_patch, sparse_grid=g) / 1e9 for g in sorted(set(schedule.sparse_grids))},
         "nfe": {branch: {patch_label(p): n for p, n in counts.items()} for branch, counts in schedule.nfe().items()},
         "device": str(device),
         "sampling_seconds": round(seconds, 2),

@@ -51,6 +51,7 @@ def generate(
     clip_denoised: bool = False,
     progress: bool = False,
     block_plan: Sequence[str] | None = None,
+    sparse_grids: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Sample model-space outputs (N, C, H, W) or videos (N, C, F, H, W) with per-sample-index noise.
 
@@ -58,6 +59,7 @@ def generate(
     (N, L, D_text) and ``text_mask`` (N, L), both required). Without patch schedules every step runs at
     the native size, and the guidance branch exists whenever ``cfg_scale != 1``. ``block_plan`` caches blocks
     per step (:mod:`flexdit_train.sampling.cache`; None computes every block, exactly as without caching).
+    ``sparse_grids`` gives a SparseDiT its sparse grid side per step (None: the model's fixed grid).
     """
     device = next(model.parameters()).device
     steps = len(diffusion.timestep_map)
@@ -66,7 +68,7 @@ def generate(
         guidance_patch_sizes = list(cond_patch_sizes)
     denoiser = ScheduledDenoiser(
         model, diffusion.timestep_map, cond_patch_sizes, guidance_patch_sizes, cfg_scale, guidance, weak_scale,
-        guide_all_channels, block_plan,
+        guide_all_channels, block_plan, sparse_grids,
     )
     shape = (model.in_channels, *model.input_size)
     noise, generators = sample_noise(seed, indices, shape, device)
@@ -286,6 +288,7 @@ class Sampler:
                 clip_denoised=self.clip_denoised,
                 progress=progress,
                 block_plan=self.schedule.block_plan,
+                sparse_grids=self.schedule.sparse_grids,
             ).float()  # model space
         return self.decode(out) if self.decode is not None else out
 

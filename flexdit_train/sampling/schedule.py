@@ -13,6 +13,11 @@ A patch size is an int (square 2-D patch of the image DiTs) or a per-axis tuple 
 DiT's (1, 2, 2); lists from YAML/JSON become tuples. A cost is any callable
 ``patch_size -> MACs of one forward for one sample``; :class:`flexdit_train.flops.CostModel` is the
 analytic one of every arch.
+
+A SparseDiT's temporal token density is schedule data too: ``sparse_grids`` holds the side of its sparse token
+grid per step (both branches), built by :class:`SparseDensity` (``budget=sparse_density``) and priced by the
+cost model (``cost(patch, sparse_grid=s)``); the training objective draws the same grid at a sample's timestep
+(:mod:`flexdit_train.training.sparse_density`).
 """
 
 from __future__ import annotations
@@ -70,6 +75,8 @@ class BudgetSchedule:
     model's pre-trained patch); ``guidance_patch_sizes`` is None when sampling without CFG. ``block_plan``
     (None: every block computed) says per step which blocks are computed, reused or forecast, one character
     per block (:mod:`flexdit_train.sampling.cache`); ``cache`` names its policy ("fora", ...; "none").
+    ``sparse_grids`` (None: the model's own) is a SparseDiT's sparse grid side per step, for both branches; its
+    compute fraction then divides by the dense DiT the SparseDiT was converted from (``CostModel.reference``).
     """
 
     cond_patch_sizes: tuple[Patch, ...]
@@ -78,6 +85,7 @@ class BudgetSchedule:
     name: str = "custom"
     block_plan: tuple[str, ...] | None = None
     cache: str = "none"
+    sparse_grids: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         # Accept lists (YAML, JSON) but store tuples so the schedule stays hashable and immutable.
@@ -97,6 +105,16 @@ class BudgetSchedule:
         object.__setattr__(self, "native_patch", native)
         if self.block_plan is not None:
             object.__setattr__(self, "block_plan", check_block_plan(self.block_plan, len(cond)))
+        if self.sparse_grids is not None:
+            grids = tuple(int(g) for g in self.sparse_grids)
+            if len(grids) != len(cond) or min(grids) < 1:
+                raise ValueError(
+                    f"sparse_grids has {len(grids)} entries (smallest {min(grids, default=0)}) for {len(cond)} steps; "
+                    "give one positive sparse grid side per sampling step"
+                )
+            if self.block_plan is not None:
+                raise ValueError("a sparse-grid schedule (SparseDiT) cannot cache blocks; drop the cache or the sparse grids")
+            object.__setattr__(self, "sparse_grids", grids)
 
     @property
     def num_steps(self) -> int:
@@ -127,6 +145,9 @@ class BudgetSchedule:
         """MACs to sample one image (or video): every step's forward, both branches with CFG. With a block plan
         a reused block costs nothing and a forecast of order o its o + 1 multiply-adds per feature, which the
         cost prices (:meth:`flexdit_train.flops.CostModel.block_macs`, ``forecast_macs``)."""
+        if self.sparse_grids is not None:
+            branches = [b for b in (self.cond_patch_sizes, self.guidance_patch_sizes) if b is not None]
+            return sum(cost(p, sparse_grid=g) for branch in branches for p, g in zip(branch, self.sparse_grids, strict=True))
         if self.block_plan is None:
             return sum(n * cost(p) for branch in self.nfe().values() for p, n in branch.items())
         if not hasattr(cost, "block_macs"):
@@ -139,9 +160,10 @@ class BudgetSchedule:
         return total
 
     def reference_macs(self, cost: Cost) -> float:
-        """MACs of the static run: the native patch for every step of every branch."""
+        """MACs of the static run: the native patch for every step of every branch, at full density (a SparseDiT's
+        reference is its dense DiT: ``cost.reference``)."""
         branches = 2 if self.cfg else 1
-        return branches * self.num_steps * cost(self.native_patch)
+        return branches * self.num_steps * getattr(cost, "reference", cost)(self.native_patch)
 
     def compute_fraction(self, cost: Cost) -> float:
         """Schedule FLOPs / FLOPs of the static native-patch run (the paper's "% FLOPs")."""
@@ -166,6 +188,7 @@ class BudgetSchedule:
             "guidance_patch_sizes": _optional_list(self.guidance_patch_sizes),
             "cache": self.cache,
             "block_plan": None if self.block_plan is None else list(self.block_plan),
+            "sparse_grids": None if self.sparse_grids is None else list(self.sparse_grids),
         }
 
     @classmethod
@@ -183,6 +206,7 @@ class BudgetSchedule:
             name=data.get("name", "custom"),
             block_plan=data.get("block_plan"),
             cache=data.get("cache", "none"),
+            sparse_grids=data.get("sparse_grids"),
         )
 
     @property
@@ -209,6 +233,8 @@ class BudgetSchedule:
         if self.block_plan is not None:
             full = sum(set(actions) == {COMPUTE} for actions in self.block_plan)
             cache = f"; {self.cache} cache: {full} of {self.num_steps} steps compute every block"
+        if self.sparse_grids is not None:
+            cache += "; sparse grid " + _runs(self.sparse_grids, "s")
         return (
             f"{self.name}: {self.num_steps} steps, native {_patch_name(self.native_patch)}; "
             f"cond {_runs(self.cond_patch_sizes)}; guidance {guidance}{cache}"
@@ -259,15 +285,16 @@ def _counts(sizes: tuple[Patch, ...]) -> dict[Patch, int]:
     return dict(sorted(Counter(sizes).items()))
 
 
-def _runs(sizes: tuple[Patch, ...]) -> str:
-    """Run-length form in step order: ``p4x120 -> p2x130`` (video: ``p(1x4x4)x40 -> p(1x2x2)x10``)."""
+def _runs(sizes: tuple[Patch, ...], prefix: str = "") -> str:
+    """Run-length form in step order: ``p4x120 -> p2x130`` (video: ``p(1x4x4)x40 -> p(1x2x2)x10``); with a
+    ``prefix`` plain values after it (sparse grids: ``s6x63 -> s7x24``)."""
     runs: list[list] = []
     for p in sizes:
         if runs and runs[-1][0] == p:
             runs[-1][1] += 1
         else:
             runs.append([p, 1])
-    return " -> ".join(f"{_patch_name(p)}x{n}" for p, n in runs)
+    return " -> ".join(f"{prefix + str(p) if prefix else _patch_name(p)}x{n}" for p, n in runs)
 
 
 #################################################################################
@@ -425,6 +452,69 @@ def for_target_with_cache(
                      "budget.max_interval or the target")
 
 
+@dataclass(frozen=True)
+class SparseDensity:
+    """SparseDiT's temporal token density (arXiv 2412.06028): the sparse grid side per sampling step.
+
+    The fewest sparse tokens (``min_grid`` squared) for the first ``hold_fraction`` of sampling (the noisiest
+    steps), then a token count growing linearly to ``max_grid`` squared by the last step; the side is that count's
+    square root rounded up, so a step never gets fewer tokens than the linear count. Progress through sampling is
+    u = k / (T - 1) at step k of T (0 = noisiest). The paper's 256 px schedule is 6x6 -> 10x10 of DiT-XL/2's 16x16
+    tokens (pruning rates r = 1 - s²/256 in [0.61, 0.86], linear in r); at T = 250 its mean is 68.05 GMAC.
+    """
+
+    min_grid: int
+    max_grid: int
+    hold_fraction: float = 0.25
+
+    def __post_init__(self) -> None:
+        if not 1 <= int(self.min_grid) <= int(self.max_grid):
+            raise ValueError(
+                f"sparse density min_grid={self.min_grid}, max_grid={self.max_grid}: need 1 <= min_grid <= max_grid"
+            )
+        if not 0.0 <= float(self.hold_fraction) <= 1.0:
+            raise ValueError(f"sparse density hold_fraction={self.hold_fraction} is outside [0, 1]")
+        object.__setattr__(self, "min_grid", int(self.min_grid))
+        object.__setattr__(self, "max_grid", int(self.max_grid))
+        object.__setattr__(self, "hold_fraction", float(self.hold_fraction))
+
+    def grid_at(self, progress: float) -> int:
+        """Sparse grid side at ``progress`` u in [0, 1] through sampling (0 = the first, noisiest step)."""
+        if progress < self.hold_fraction or self.hold_fraction >= 1.0:
+            return self.min_grid
+        share = min(1.0, (progress - self.hold_fraction) / (1.0 - self.hold_fraction))
+        tokens = self.min_grid**2 + (self.max_grid**2 - self.min_grid**2) * share
+        # rounded up, with slack so that float noise on an exact square (36.000000001) stays that square's side
+        return min(self.max_grid, math.ceil(math.sqrt(tokens) - 1e-9))
+
+    def grids(self, num_steps: int) -> tuple[int, ...]:
+        """The side at every sampling step k of ``num_steps`` (progress k / (T - 1))."""
+        num_steps = _check_steps(num_steps)
+        return tuple(self.grid_at(k / max(1, num_steps - 1)) for k in range(num_steps))
+
+    def grid_at_noise(self, level: float) -> int:
+        """The side at noise level ``level`` in [0, 1] (1 = pure noise): a training draw at timestep t uses the grid
+        of the sampling progress 1 - level, the step that denoises from t."""
+        return self.grid_at(1.0 - float(level))
+
+    @classmethod
+    def of_model(cls, config: Mapping[str, Any], min_grid: int | None = None, max_grid: int | None = None,
+                 hold_fraction: float | None = None) -> SparseDensity:
+        """A SparseDiT config's ``sparse_grid_range`` (what it was built for), with any of the three overridden."""
+        if "sparse_grid_range" not in config:
+            raise ValueError("a sparse density schedule needs a SparseDiT (model arch sparse_dit); this model has no "
+                             "sparse grid: use another budget")
+        lo, hi = config["sparse_grid_range"]
+        return cls(lo if min_grid is None else min_grid, hi if max_grid is None else max_grid,
+                   0.25 if hold_fraction is None else hold_fraction)
+
+
+def sparse_density(num_steps: int, native_patch: Patch, density: SparseDensity, cfg: bool = True,
+                   name: str = "sparse_density") -> BudgetSchedule:
+    """Every step at the native patch, each with the sparse grid of ``density`` (a SparseDiT's token density)."""
+    return dataclasses.replace(static(num_steps, native_patch, cfg, name), sparse_grids=density.grids(num_steps))
+
+
 def _check_steps(num_steps: int) -> int:
     if int(num_steps) != num_steps or num_steps < 1:
         raise ValueError(f"number of sampling steps must be a positive int, got {num_steps!r}")
@@ -472,6 +562,7 @@ BUDGET_MODES: dict[str, tuple[str, ...]] = {
     "powerful_fraction": ("powerful_fraction", "powerful_fraction_guidance"),
     "weak_last": ("powerful_fraction", "powerful_fraction_guidance"),
     "target": ("compute_fraction", "weak_first", "at_most", "cache_policy", "cache_order", "max_interval"),
+    "sparse_density": ("min_grid", "max_grid", "hold_fraction"),
 }
 
 
@@ -492,7 +583,8 @@ def build_schedule(
     :func:`for_target`; ``weak_first: false`` puts the same powerful steps first, ``at_most: true``
     rounds to the schedule that does not exceed the target instead of the one that reaches it;
     ``cache_policy`` (fora, delta_dit, taylorseer with ``cache_order``) solves over weak steps and block
-    caching up to ``max_interval``, :func:`for_target_with_cache`). A missing guidance
+    caching up to ``max_interval``, :func:`for_target_with_cache`); ``sparse_density`` (a SparseDiT's sparse grid
+    per step, :class:`SparseDensity`; ``min_grid``/``max_grid`` null take the model's range). A missing guidance
     parameter means "same as the conditional one"; guidance parameters are ignored without CFG. ``weak_patch`` in the node (e.g. [2, 2, 2], a video DiT's weak
     temporal patch) replaces the sampler's weak patch, so a preset can pick one of several weak modes.
     """
@@ -510,6 +602,10 @@ def build_schedule(
 
     if mode == "static":
         schedule = static(num_steps, native_patch, cfg, name)
+    elif mode == "sparse_density":
+        density = SparseDensity.of_model(getattr(cost, "config", {}), node.get("min_grid"), node.get("max_grid"),
+                                         node.get("hold_fraction"))
+        schedule = sparse_density(num_steps, native_patch, density, cfg, name)
     elif mode == "target" and node.get("cache_policy") not in (None, "none"):
         schedule = _target_with_cache(node, num_steps, native_patch, weak_patch, cost, cfg, name)
     else:
