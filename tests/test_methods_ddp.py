@@ -3,6 +3,7 @@ checkpoint, resume with the same command, then sample the result through the sam
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -17,9 +18,14 @@ from flexdit_train.models.arch import arch_of
 
 TESTS_DIR = Path(__file__).parent
 TINY_SAMPLING = ["callbacks.sample_grid.num_images=2", "callbacks.sample_grid.sampling_steps=ddim2"]
-# Each method's miniature experiment, shrunk to a few thousand parameters; the arch its checkpoint must record.
+# Each method's miniature experiment, shrunk to a few thousand parameters (from scratch: the shipped teacher is
+# wider); the arch its checkpoint must record; the sampling overrides of its own compute schedule and what the
+# sampling card must then say.
 METHODS = {
-    "mnist_edt": (["model.widths=[32,48,64,48,32]", "model.num_heads=[2,2,2,2,2]"], "edt"),
+    "mnist_edt": (["model.widths=[32,48,64,48,32]", "model.num_heads=[2,2,2,2,2]"], "edt", ["amm_blocks=[8,11]"],
+                  {"amm_blocks": [8, 11]}),
+    "mnist_sparse_dit": (["model.pretrained=null", "model.hidden_size=32", "model.num_heads=2"], "sparse_dit",
+                         ["budget=sparse_density"], {"budget": "sparse_density"}),
 }
 
 
@@ -32,7 +38,7 @@ def run_module(module: str, args: list[str], cwd: Path, data_cache: Path) -> sub
 @pytest.mark.slow
 @pytest.mark.parametrize("experiment", sorted(METHODS))
 def test_method_trains_in_ddp_resumes_and_samples(experiment, tmp_path):
-    tiny, arch = METHODS[experiment]
+    tiny, arch, sampling, card_says = METHODS[experiment]
     base = [f"+experiment={experiment}", "trainer=ddp_cpu", *tiny, *TINY_SAMPLING, "data.global_batch_size=4",
             "data.num_workers=0", "logger=csv", "run_name=dist", "callbacks.model_checkpoint.every_n_train_steps=2"]
     cache = tmp_path / "data_cache"
@@ -51,8 +57,10 @@ def test_method_trains_in_ddp_resumes_and_samples(experiment, tmp_path):
     assert set(ema) == set(raw) and any(not torch.equal(ema[k], raw[k]) for k in raw)  # both ranks' steps applied
     assert arch_of(from_pretrained(final)).name == arch  # the checkpoint rebuilds the method's network
     sample = run_module("flexdit_train.sample", [f"checkpoint={final}", "num_samples=2", "sampling_steps=ddim2",
-                                                 "device=cpu", "progress=false", f"out_dir={tmp_path / 'samples'}"],
-                        tmp_path, cache)
+                                                 "device=cpu", "progress=false", f"out_dir={tmp_path / 'samples'}",
+                                                 *sampling], tmp_path, cache)
     assert sample.returncode == 0, sample.stderr[-3000:]
     images = np.load(tmp_path / "samples" / "samples.npz")["arr_0"]
     assert images.shape == (2, 32, 32, 1) and images.dtype == np.uint8
+    card = json.loads((tmp_path / "samples" / "samples.json").read_text())
+    assert card["arch"] == arch and {k: card[k] for k in card_says} == card_says
