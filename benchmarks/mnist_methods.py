@@ -1,7 +1,7 @@
 """FlexiDiT, SparseDiT and EDT's attention modulation on the bundled MNIST digits: FID against measured compute.
 
     python benchmarks/mnist_methods.py [--run-name NAME] [--num-samples 1000] [--seeds 0 1 2] [--steps ddim20]
-        [--flex-fractions 0.6 0.5] [--amm 3 2,4] [--flex CHECKPOINT] [--json out.json]
+        [--flex-fractions 0.6 0.5] [--amm 3 2,4] [--flex CHECKPOINT] [--sparse CHECKPOINT] [--json out.json]
 
 Every method starts from the same converged teacher (the shipped one, ``--teacher`` for another) and is scored
 with ``flexdit_train.evaluate`` (held-out val digits, MNIST-classifier FID and label accuracy, ``--seeds``):
@@ -12,7 +12,11 @@ with ``flexdit_train.evaluate`` (held-out val digits, MNIST-classifier FID and l
 - **flexidit**: the teacher LoRA-flexified (``+experiment=mnist_flex_lora``; ``--flex`` reuses a checkpoint),
   weak steps first at each ``--flex-fractions`` (at most that fraction);
 - **flexidit+amm**: the flexible model at each fraction with the first AMM placement: the combination no
-  paper tried.
+  paper tried;
+- **sparse_dit**: the teacher converted to the miniature SparseDiT and fine-tuned (``+experiment=mnist_sparse_dit``;
+  ``--sparse`` reuses a checkpoint), sampled with its temporal token density (``budget=sparse_density``: 3x3 ->
+  5x5 sparse grids of the 8x8 tokens) and with its fixed 4x4 grid. FlexiDiT's weak patch early with SparseDiT's
+  sparse middle late is not offered: a SparseDiT refuses to be flexified (docs/sparse_dit.md).
 
 Compute is the GMACs per image of each setting's schedule over the teacher's static GMACs (so methods with
 other networks stand on one axis); wall-clock is seconds per image as each evaluation measured it (run on a
@@ -44,7 +48,8 @@ from flexdit_train.evaluation.report import (  # noqa: E402
 from flexdit_train.runtime.resolvers import asset_path  # noqa: E402
 
 
-def settings(args: argparse.Namespace, teacher: Path, flex: Path) -> list[tuple[str, str, Path, list[str]]]:
+def settings(args: argparse.Namespace, teacher: Path, flex: Path,
+             sparse: Path) -> list[tuple[str, str, Path, list[str]]]:
     """(family, label, checkpoint, evaluate overrides) of every setting, the teacher first."""
     def target(fraction: float) -> list[str]:
         return ["budget=target", f"budget.compute_fraction={fraction}", "budget.at_most=true"]
@@ -59,6 +64,8 @@ def settings(args: argparse.Namespace, teacher: Path, flex: Path) -> list[tuple[
     if args.amm:
         out += [("flexidit+amm", f"flexidit_{f}_{name[args.amm[0]]}", flex, [*target(f), *amm(args.amm[0])])
                 for f in args.flex_fractions]
+    out += [("sparse_dit", "sparse_density", sparse, ["budget=sparse_density"]),
+            ("sparse_dit", "sparse_fixed", sparse, ["budget=static"])]
     return out
 
 
@@ -67,6 +74,7 @@ def main() -> int:
     parser.add_argument("--run-name", default="default")
     parser.add_argument("--teacher", type=Path, default=Path(asset_path("mnist_dit_teacher.safetensors")))
     parser.add_argument("--flex", type=Path, default=None, help="a LoRA-flexified checkpoint instead of training one")
+    parser.add_argument("--sparse", type=Path, default=None, help="a fine-tuned SparseDiT instead of training one")
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", default="ddim20")
@@ -84,7 +92,9 @@ def main() -> int:
     teacher = args.teacher.resolve()
     flex = args.flex.resolve() if args.flex else train(
         "flexidit", ["+experiment=mnist_flex_lora", f"model.pretrained={teacher}"], run_dir, args.threads)
-    plan = settings(args, teacher, flex)
+    sparse = args.sparse.resolve() if args.sparse else train(
+        "sparse_dit", ["+experiment=mnist_sparse_dit", f"model.pretrained={teacher}"], run_dir, args.threads)
+    plan = settings(args, teacher, flex, sparse)
     for _, label, checkpoint, overrides in plan:
         evaluate(args, run_dir, label, checkpoint, overrides)
 
@@ -126,7 +136,7 @@ def main() -> int:
     plot_fid_vs_compute(rows, run_dir / "methods.png", reference=("teacher", base[metric]), tolerance=TOLERANCE,
                         title=f"{metric} vs val digits, {args.steps}, mean +- std over seeds {args.seeds}")
     result = {"command": " ".join(sys.argv), "run_dir": str(run_dir), "teacher": str(teacher),
-              "flex_checkpoint": str(flex), "settings": by_label}
+              "flex_checkpoint": str(flex), "sparse_checkpoint": str(sparse), "settings": by_label}
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2, default=str))
     print(f"plot: {run_dir / 'methods.png'}")
