@@ -84,7 +84,7 @@ CASES = [
       "objective.diffusion.prediction=velocity"],
      r"trained with kind=ddpm but the objective uses kind=flow: set process=ddpm", 2),
     ("train-skip-rate-range", "flexdit_train", [*TINY_TRAIN, "callbacks.data_skips.max_skip_rate=2"], r"max_skip_rate", 2),
-    ("train-lr-schedule", "flexdit_train", [*TINY_TRAIN, "objective.lr_scheduler.decay=linear"], r"decay='linear'", 2),
+    ("train-lr-schedule", "flexdit_train", [*TINY_TRAIN, "objective.lr_scheduler.decay=step"], r"decay='step'", 2),
     ("sample-no-checkpoint", "flexdit_train.sample", [], r"checkpoint is required", 2),
     ("sample-negative-count", "flexdit_train.sample", ["checkpoint={static}", "num_samples=-3"], r"num_samples=-3", 2),
     ("sample-unknown-class", "flexdit_train.sample", ["checkpoint={static}", "class_labels=[12]"], r"\[12\].*10", 2),

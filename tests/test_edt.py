@@ -311,6 +311,56 @@ def test_masking_objective_refuses_what_it_cannot_mask():
         assert "\n" not in str(err.value)
 
 
+def test_position_mask_replaces_exactly_the_ratio_by_the_position_embedding_before_its_block():
+    """EDT-XL's extra mask: before block b of the first stage, round(r T) tokens become the position embedding."""
+    model = tiny_edt(widths=(32, 48, 64, 48, 32), depths=(3, 1, 1, 1, 3), num_heads=(2, 2, 2, 2, 2))
+    seen = []
+    hook = model.blocks[1].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    x, t, y = _inputs(2)
+    with torch.no_grad():
+        plain = model(x, t, y)
+        torch.manual_seed(3)
+        masked = model(x, t, y, token_mask_ratios=[0.0, 0.0], position_mask=(2, 0.25))
+        unmasked = model(x, t, y, position_mask=(2, 0.0))
+    hook.remove()
+    before, after = seen[0], seen[1]  # (N, 64, 32): the input of block 2 without and with the mask
+    pos = model.pos_embed.expand_as(before)
+    replaced = (after != before).any(dim=-1)  # (N, T)
+    assert replaced.sum(dim=1).tolist() == [16, 16]  # round(0.25 * 64) per sample
+    assert torch.equal(after[replaced], pos[replaced]) and torch.equal(after[~replaced], before[~replaced])
+    assert not torch.equal(replaced[0], replaced[1])  # a fresh draw per sample
+    assert not torch.allclose(masked, plain, atol=1e-4)
+    assert torch.equal(unmasked, plain)  # a share of 0 replaces nothing
+    for bad in ((4, 0.2), (0, 0.2), (2, 1.0)):  # the first stage has blocks 1..3
+        with pytest.raises(ValueError, match="needs a block 1..3 of the first stage") as err:
+            model(x, t, y, position_mask=bad)
+        assert "\n" not in str(err.value)
+
+
+def test_masking_objective_draws_the_position_mask_into_its_masked_forward_only():
+    diffusion, optimizer = create_diffusion(""), functools.partial(torch.optim.AdamW, lr=1e-3)
+    model = tiny_edt(widths=(32, 48, 64, 48, 32), depths=(5, 1, 1, 1, 5), num_heads=(2, 2, 2, 2, 2))
+    masking = EDTMaskingModule(model, diffusion, optimizer, token_mask_ratios=[[0.4, 0.5], [0.1, 0.2]],
+                               position_mask={"block": 5, "ratio": [0.15, 0.25]})
+    calls = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: calls.append(kwargs.get("position_mask")),
+                                    with_kwargs=True)
+    x, _, y = _inputs(4, seed=5)
+    masking.train()
+    _, terms = masking.compute_losses({"x": x, "y": y}, None)
+    assert calls[0] is None and calls[1][0] == 5 and 0.15 <= calls[1][1] <= 0.25  # plain, then masked forward
+    assert torch.isfinite(terms["masked_loss"]).all()
+    for kwargs, match in (
+        ({"token_mask_ratios": None, "position_mask": {"block": 5, "ratio": [0.15, 0.25]}}, "masked forward, which is off"),
+        ({"position_mask": {"block": 6, "ratio": [0.15, 0.25]}}, "needs a block 1..5"),
+        ({"position_mask": {"block": 5, "ratio": [0.25, 0.15]}}, "needs lo <= hi"),
+        ({"position_mask": {"block": 5}}, "needs the keys block and ratio"),
+    ):
+        with pytest.raises(ValueError, match=match) as err:
+            EDTMaskingModule(model, diffusion, optimizer, **{"token_mask_ratios": [[0.4, 0.5], [0.1, 0.2]], **kwargs})
+        assert "\n" not in str(err.value)
+
+
 #################################################################################
 #                               Train and sample                                #
 #################################################################################
@@ -353,3 +403,28 @@ def test_mnist_edt_trains_two_steps_and_samples_with_amm(tmp_path, monkeypatch):
     assert card["cost_gmacs"]["2"] == pytest.approx(cost_model(model)(2) / 1e9)
     images = np.load(tmp_path / "samples" / "samples.npz")["arr_0"]
     assert images.shape == (3, 32, 32, 1) and images.dtype == np.uint8
+
+
+@pytest.mark.slow
+def test_edt_xl_experiment_has_the_authors_recipe_and_trains_two_steps(tmp_path):
+    """+experiment=edt_xl: the masking loss with EDT-XL's position mask (before block 5, the last of the paper's
+    first stage), lr 5e-4 linear to 5e-5; two steps of it on a tiny EDT of the same first-stage depth."""
+    with initialize_config_dir(version_base="1.3", config_dir=flexdit_train.CONF_DIR):
+        xl = compose("train", overrides=["+experiment=edt_xl"])
+    assert xl.model.arch == "edt" and xl.model.name == "EDT-XL/2" and xl.objective.token_mask_ratios
+    assert dict(xl.objective.position_mask) == {"block": 5, "ratio": [0.15, 0.25]}
+    assert EDT_models["EDT-XL/2"].preset_config["depths"][0] == 5
+    assert xl.objective.optimizer.lr == 5e-4 and xl.objective.lr_scheduler.decay == "linear"
+    assert xl.objective.optimizer.lr * xl.objective.lr_scheduler.final_factor == pytest.approx(5e-5)
+    assert xl.objective.ema_decay == 0.9999 and xl.data.global_batch_size == 256
+    cfg = compose_train([
+        "+experiment=edt_xl", "trainer=cpu", "trainer.max_steps=2", "trainer.log_every_n_steps=1", "logger=csv",
+        "data=synthetic", "data.input_size=16", "data.in_channels=4", "data.num_classes=10",
+        "data.global_batch_size=4", "model.name=null", "+model.widths=[32,48,64,48,32]",
+        "+model.depths=[5,1,1,1,5]", "+model.num_heads=[2,2,2,2,2]", "callbacks.sample_grid.vae=null",
+        "callbacks.sample_grid.num_images=2", "callbacks.sample_grid.sampling_steps=ddim2",
+    ], tmp_path)
+    run(cfg)
+    metrics = (tmp_path / "csv").rglob("metrics.csv")
+    assert any("train/masked_loss" in path.read_text().splitlines()[0] for path in metrics)
+    assert torch.load(tmp_path / "checkpoints" / "final.ckpt", map_location="cpu", weights_only=True)["global_step"] == 2

@@ -38,6 +38,17 @@ def test_warmup_then_cosine_to_the_final_factor_then_constant():
     assert all(a >= b for a, b in zip(values[4:], values[5:]))
 
 
+def test_warmup_then_linear_to_the_final_factor_then_constant():
+    """EDT's recipe: a straight line from the base LR to final_factor x it at total_steps."""
+    opt = optimizer(5e-4)
+    values = lrs(warmup_decay(opt, warmup_steps=2, decay="linear", total_steps=10, final_factor=0.1), opt, 13)
+    assert values[2] == pytest.approx(5e-4)
+    assert values[6] == pytest.approx(5e-4 * (1.0 - 0.9 * 4 / 8))
+    assert values[10:] == pytest.approx([5e-5] * 3)
+    steps = [a - b for a, b in zip(values[2:10], values[3:11])]
+    assert steps == pytest.approx([steps[0]] * len(steps))  # a constant decrement: linear
+
+
 def test_constant_after_warmup_and_a_run_shorter_than_its_warmup_only_warms_up():
     opt = optimizer()
     assert lrs(warmup_decay(opt, warmup_steps=0), opt, 3) == [1.0, 1.0, 1.0]
@@ -60,7 +71,8 @@ def test_schedule_state_resumes_mid_run():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"decay": "linear"}, "is not one of"),
+    ({"decay": "step"}, "is not one of"),
+    ({"decay": "linear", "total_steps": 0}, "a linear decay needs total_steps >= 1"),
     ({"decay": "cosine", "total_steps": None}, "needs total_steps >= 1"),
     ({"warmup_steps": -1}, "warmup_steps must be >= 0"),
     ({"final_factor": 1.5}, "final_factor must lie in"),

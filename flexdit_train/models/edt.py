@@ -23,6 +23,8 @@ for a 32x32 latent at patch 2::
 * ``token_mask_ratios`` zeroes random tokens inside the down-sampling modules (after the modulated norm,
   before the reduction): the masked forward of EDT's token relation-enhanced masking training
   (:class:`flexdit_train.training.edt_masking.EDTMaskingModule`, conf/objective/edt_masking.yaml).
+  ``position_mask=(b, r)`` adds EDT-XL's extra mask to that forward: before block b (1-indexed) of the first
+  stage, a share r of the tokens is replaced by the first stage's position embedding.
 
 EDT is trained from scratch at one resolution and one patch size, so this class is static: the relative-
 position tables and the stage grids are fixed by ``input_size`` and ``patch_size``. Flexifying it (several
@@ -302,6 +304,15 @@ class EDT(ClassConditional, SquarePatchImage, PatchModel):
     def _block_stages(self) -> list[int]:
         return [s for s, depth in enumerate(self.depths) for _ in range(depth)]
 
+    def check_position_mask(self, position_mask: Sequence[float]) -> None:
+        """One-line error unless ``(block, ratio)`` names a block of the first stage and a share in [0, 1)."""
+        block, ratio = position_mask
+        if int(block) != block or not 1 <= block <= self.depths[0] or not 0.0 <= ratio < 1.0:
+            raise ValueError(
+                f"position_mask=({block}, {ratio}) needs a block 1..{self.depths[0]} of the first stage (1-indexed) "
+                "and a share of tokens in [0, 1), e.g. (5, 0.2) for EDT-XL"
+            )
+
     # ------------------------------------------------------------------ forward
     def _block(self, block: nn.Module, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
@@ -316,11 +327,15 @@ class EDT(ClassConditional, SquarePatchImage, PatchModel):
         patch_size: int | None = None,
         force_drop_ids: torch.Tensor | None = None,
         token_mask_ratios: Sequence[float] | None = None,
+        position_mask: tuple[int, float] | None = None,
     ) -> torch.Tensor:
         """x: (N, C, H, W) latents, t: (N,) timesteps, y: (N,) labels -> (N, C_out, H, W).
 
         ``patch_size`` None or the native one; ``force_drop_ids`` as DiT's. ``token_mask_ratios`` (one per
         down-sampling module) zeroes that share of random tokens inside it (masking training).
+        ``position_mask=(b, r)`` replaces a share r of random tokens by the position embedding before block b
+        (1-indexed) of the first stage: EDT-XL's extra masking, which makes the network infer a token's content
+        from its neighbours in the full-resolution stage.
         """
         if self.block_cache is not None:
             # the sampler's block plans price every block alike (CostModel.block_macs), EDT's stages do not
@@ -340,8 +355,11 @@ class EDT(ClassConditional, SquarePatchImage, PatchModel):
                 f"token_mask_ratios needs one ratio per down-sampling module ({len(self.down_blocks)}), "
                 f"got {list(token_mask_ratios)}"
             )
+        if position_mask is not None:
+            self.check_position_mask(position_mask)
         grid = self.stage_grids[0]
-        x = self.embed_patches(x, p) + self.position_embedding(grid, p)  # (N, T, D_1)
+        pos = self.position_embedding(grid, p)  # (1, T, D_1)
+        x = self.embed_patches(x, p) + pos  # (N, T, D_1)
         c = self.embed_condition(t, y, force_drop_ids)  # (N, D_1)
         blocks = iter(self.blocks)
         down = len(self.down_blocks)
@@ -351,7 +369,10 @@ class EDT(ClassConditional, SquarePatchImage, PatchModel):
                 x = self.up_blocks[s - down - 1](x, skips.pop(), c)  # (N, T_s, D_s)
             if s < down:
                 skips.append(x)  # the stage's input is its skip, as in the authors' code
-            for _ in range(depth):
+            for j in range(depth):
+                if s == 0 and position_mask is not None and j == position_mask[0] - 1:
+                    keep = token_keep_mask(x.shape[0], x.shape[1], float(position_mask[1]), x.device)  # (N, T)
+                    x = torch.where(keep.unsqueeze(-1), x, pos.to(x.dtype))  # (N, T, D_1)
                 x = self._block(next(blocks), x, c)  # (N, T_s, D_s)
             if s < down:
                 keep = None

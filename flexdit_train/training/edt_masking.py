@@ -5,8 +5,9 @@ second one whose forward zeroes random tokens inside each down-sampling module o
 modulated norm, before its reduction linear); the step's loss is their sum. The share of zeroed tokens is
 drawn per step and module from ``token_mask_ratios`` (EDT: U(0.4, 0.5) in the first, U(0.1, 0.2) in the
 second module). Reconstructing from a partly masked down-sampled map makes the network relate tokens
-instead of copying them through the skips. EDT-XL's extra mask (tokens replaced by the position embedding
-before the 5th block) is not implemented.
+instead of copying them through the skips. ``position_mask`` adds EDT-XL's extra mask to the same forward:
+before block ``block`` (1-indexed) of the first stage a share drawn from ``ratio`` (EDT-XL: block 5,
+U(0.15, 0.25)) of the tokens is replaced by the position embedding.
 
 With ``token_mask_ratios`` None the module is :class:`~flexdit_train.training.DiffusionModule` exactly
 (same random draws, same loss).
@@ -14,7 +15,7 @@ With ``token_mask_ratios`` None the module is :class:`~flexdit_train.training.Di
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -41,16 +42,54 @@ def check_mask_ranges(ranges: Sequence[Sequence[float]] | None, model: torch.nn.
     return pairs
 
 
+def check_position_mask(position_mask: Mapping[str, Any] | None, model: torch.nn.Module,
+                        masking: bool) -> tuple[int, tuple[float, float]] | None:
+    """(block, (lo, hi)) of EDT-XL's position-embedding mask; one-line errors for what cannot apply."""
+    if position_mask is None:
+        return None
+    if not masking:
+        raise ValueError(
+            "objective.position_mask belongs to the masked forward, which is off: set objective.token_mask_ratios "
+            "(e.g. [[0.4, 0.5], [0.1, 0.2]]) or position_mask=null"
+        )
+    if set(position_mask) != {"block", "ratio"} or len(position_mask["ratio"]) != 2:
+        raise ValueError(
+            f"objective.position_mask={dict(position_mask)} needs the keys block and ratio, e.g. "
+            "{block: 5, ratio: [0.15, 0.25]}"
+        )
+    block, (lo, hi) = int(position_mask["block"]), (float(v) for v in position_mask["ratio"])
+    if not lo <= hi:
+        raise ValueError(f"objective.position_mask.ratio=[{lo}, {hi}] needs lo <= hi, e.g. [0.15, 0.25]")
+    model.check_position_mask((block, lo))
+    model.check_position_mask((block, hi))
+    return block, (lo, hi)
+
+
+def draw(lo: float, hi: float) -> float:
+    """Uniform in [lo, hi], from torch's global stream (seeded per rank by the trainer)."""
+    return lo + (hi - lo) * float(torch.rand(()))
+
+
 class EDTMaskingModule(DiffusionModule):
     """:class:`DiffusionModule` plus EDT's masked second forward; its loss is added to the step's loss."""
 
-    def __init__(self, *args: Any, token_mask_ratios: Sequence[Sequence[float]] | None = None, **kwargs: Any):
+    def __init__(self, *args: Any, token_mask_ratios: Sequence[Sequence[float]] | None = None,
+                 position_mask: Mapping[str, Any] | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.token_mask_ranges = check_mask_ranges(token_mask_ratios, self.model)
+        self.position_mask = check_position_mask(position_mask, self.model, bool(self.token_mask_ranges))
 
     def draw_mask_ratios(self) -> list[float]:
         """This step's share of zeroed tokens per down-sampling module, uniform in its range."""
-        return [lo + (hi - lo) * float(torch.rand(())) for lo, hi in self.token_mask_ranges]
+        return [draw(lo, hi) for lo, hi in self.token_mask_ranges]
+
+    def masked_cond(self) -> dict[str, Any]:
+        """This step's masks for the second forward: the down-sampling ratios and, for EDT-XL, the position mask."""
+        cond: dict[str, Any] = {"token_mask_ratios": self.draw_mask_ratios()}
+        if self.position_mask is not None:
+            block, (lo, hi) = self.position_mask
+            cond["position_mask"] = (block, draw(lo, hi))
+        return cond
 
     def compute_losses(self, batch: dict, patch_size: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if not self.token_mask_ranges:
@@ -60,10 +99,8 @@ class EDTMaskingModule(DiffusionModule):
         noise = torch.randn_like(x0)  # drawn where training_losses would draw it: the plain loss is unchanged
         cond = self.model_cond(batch, patch_size)
         terms = self.diffusion.training_losses(self.model, x0, t, cond=cond, noise=noise)
-        ratios = self.draw_mask_ratios()  # after the plain forward, for the same reason
-        masked = self.diffusion.training_losses(
-            self.model, x0, t, cond={**cond, "token_mask_ratios": ratios}, noise=noise
-        )
+        masks = self.masked_cond()  # after the plain forward, for the same reason
+        masked = self.diffusion.training_losses(self.model, x0, t, cond={**cond, **masks}, noise=noise)
         return t, {**terms, "loss": terms["loss"] + masked["loss"], "masked_loss": masked["loss"]}
 
     def step_flops(self, x: torch.Tensor, patch_size: Any) -> float:

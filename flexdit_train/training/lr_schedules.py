@@ -1,7 +1,8 @@
 """Learning-rate schedules as ``_partial_`` Hydra targets: ``lr_scheduler(optimizer) -> LRScheduler``.
 
-One schedule covers what the recipes need: a linear warmup, then either a constant LR (DiT's recipe) or a
-cosine decay that ends with the run (a run that must end converged in a fixed number of steps). Chaining
+One schedule covers what the recipes need: a linear warmup, then either a constant LR (DiT's recipe), a
+cosine decay that ends with the run (a run that must end converged in a fixed number of steps) or a linear
+decay (EDT's recipe: 5e-4 down to 5e-5 over 400k steps). Chaining
 torch's ``LinearLR`` and ``CosineAnnealingLR`` through ``SequentialLR`` cannot be written as one Hydra
 node (every sub-scheduler needs the optimizer). The factor is a picklable object, so ``LambdaLR`` resumes
 from its step count.
@@ -15,13 +16,14 @@ from dataclasses import dataclass
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-DECAYS = ("constant", "cosine")
+DECAYS = ("constant", "cosine", "linear")
 
 
 @dataclass(frozen=True)
 class WarmupDecay:
     """LR factor at step s: linear from ``start_factor`` to 1 over ``warmup_steps``; then 1 (``constant``) or
-    a cosine from 1 down to ``final_factor`` at ``total_steps`` (``cosine``), constant afterwards: a run
+    a cosine (``cosine``) or a straight line (``linear``) from 1 down to ``final_factor`` at ``total_steps``,
+    constant afterwards: a run
     continued past its schedule keeps the final LR instead of restarting the cycle. A run shorter than its
     warmup (a smoke test) only warms up."""
 
@@ -36,9 +38,9 @@ class WarmupDecay:
             raise ValueError(f"lr_scheduler.decay={self.decay!r} is not one of {DECAYS}")
         if self.warmup_steps < 0:
             raise ValueError(f"lr_scheduler.warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.decay == "cosine" and (self.total_steps is None or self.total_steps < 1):
+        if self.decay != "constant" and (self.total_steps is None or self.total_steps < 1):
             raise ValueError(
-                f"a cosine decay needs total_steps >= 1, got {self.total_steps}; set lr_scheduler.total_steps "
+                f"a {self.decay} decay needs total_steps >= 1, got {self.total_steps}; set lr_scheduler.total_steps "
                 "(default: trainer.max_steps)"
             )
         if not 0.0 <= self.final_factor <= 1.0 or not 0.0 < self.start_factor <= 1.0:
@@ -54,6 +56,8 @@ class WarmupDecay:
             return 1.0
         span = self.total_steps - self.warmup_steps
         progress = 1.0 if span <= 0 else min(1.0, (step - self.warmup_steps) / span)
+        if self.decay == "linear":
+            return 1.0 - (1.0 - self.final_factor) * progress
         return self.final_factor + (1.0 - self.final_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -65,7 +69,7 @@ def warmup_decay(
     final_factor: float = 0.0,
     start_factor: float = 0.01,
 ) -> LambdaLR:
-    """Linear warmup, then a constant LR or a cosine decay to ``final_factor`` x the base LR at ``total_steps``."""
+    """Linear warmup, then a constant LR or a cosine / linear decay to ``final_factor`` x the base LR at ``total_steps``."""
     total = None if total_steps is None else int(total_steps)
     return LambdaLR(optimizer, WarmupDecay(int(warmup_steps), str(decay), total, float(final_factor),
                                            float(start_factor)))
