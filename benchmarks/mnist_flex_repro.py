@@ -54,6 +54,15 @@ CONVERGED = 0.03  # 50% more training improves the teacher's FID by less than th
 EXPERIMENTS = {"control": "mnist_control", "lora": "mnist_flex_lora", "shared": "mnist_flex"}
 
 
+FLEX_ONLY = ("flex.", "objective.patch_size_weights", "objective.patch_size_loss_weights", "objective.timestep_ranges",
+             "objective.mmd")
+
+
+def control_overrides(shared: list[str]) -> list[str]:
+    """The shared run's overrides that a static model has: the recipe (LR, steps, EMA, data), not the flexible knobs."""
+    return [o for o in shared if not o.lstrip("+~").startswith(FLEX_ONLY)]
+
+
 def train(name: str, overrides: list[str], run_dir: Path, threads: int) -> Path:
     """Run a training stage unless its final checkpoint exists; returns the checkpoint."""
     ckpt = run_dir / name / "checkpoints" / "final.ckpt"
@@ -194,7 +203,9 @@ def main() -> int:
     parser.add_argument("--no-control", dest="control", action="store_false",
                         help="skip the matched control (e.g. while the shared recipe is still being chosen)")
     parser.add_argument("--lora", nargs="*", default=[], help="extra overrides of the LoRA flexify run")
-    parser.add_argument("--shared", nargs="*", default=[], help="extra overrides of the shared flexify and control runs")
+    parser.add_argument("--shared", nargs="*", default=[],
+                        help="extra overrides of the shared flexify run; the control takes those that apply to a static "
+                             "model (not flex.* nor the flexible objective's own options)")
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None, help="also write the verdicts and the table here")
@@ -218,7 +229,7 @@ def main() -> int:
             if f < 1.0 and (args.weak_last_fractions is None or f in args.weak_last_fractions):
                 evaluate(mode, ckpts[mode], "ddim50", f, weak_last=True)
     if args.control:
-        ckpts["control"] = train("control", ["+experiment=mnist_control", pretrained, *args.shared], run_dir,
+        ckpts["control"] = train("control", ["+experiment=mnist_control", pretrained, *control_overrides(args.shared)], run_dir,
                                  args.threads)
         evaluate("control", ckpts["control"], "ddim50")
     if args.convergence or args.convergence_checkpoint:
