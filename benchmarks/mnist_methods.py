@@ -49,23 +49,24 @@ from flexdit_train.runtime.resolvers import asset_path  # noqa: E402
 
 
 def settings(args: argparse.Namespace, teacher: Path, flex: Path,
-             sparse: Path) -> list[tuple[str, str, Path, list[str]]]:
-    """(family, label, checkpoint, evaluate overrides) of every setting, the teacher first."""
+             sparse: Path) -> list[tuple[str, str, str, Path, list[str]]]:
+    """(family, label, plot series, checkpoint, evaluate overrides) of every setting, the teacher first."""
     def target(fraction: float) -> list[str]:
         return ["budget=target", f"budget.compute_fraction={fraction}", "budget.at_most=true"]
 
     def amm(placement: str) -> list[str]:
         return [f"amm_blocks=[{placement}]"]
 
-    out = [("teacher", "teacher", teacher, ["budget=static"])]
+    out = [("teacher", "teacher", "teacher", teacher, ["budget=static"])]
     name = {p: "amm" + p.replace(",", "-") for p in args.amm}  # a comma in a sweep directory would sweep
-    out += [("amm", name[p], teacher, ["budget=static", *amm(p)]) for p in args.amm]
-    out += [("flexidit", f"flexidit_{f}", flex, target(f)) for f in args.flex_fractions]
+    out += [("amm", name[p], f"teacher + AMM [{p}]", teacher, ["budget=static", *amm(p)]) for p in args.amm]
+    out += [("flexidit", f"flexidit_{f}", "FlexiDiT (LoRA), weak first", flex, target(f)) for f in args.flex_fractions]
     if args.amm:
-        out += [("flexidit+amm", f"flexidit_{f}_{name[args.amm[0]]}", flex, [*target(f), *amm(args.amm[0])])
-                for f in args.flex_fractions]
-    out += [("sparse_dit", "sparse_density", sparse, ["budget=sparse_density"]),
-            ("sparse_dit", "sparse_fixed", sparse, ["budget=static"])]
+        out += [("flexidit+amm", f"flexidit_{f}_{name[args.amm[0]]}", f"FlexiDiT + AMM [{args.amm[0]}]", flex,
+                 [*target(f), *amm(args.amm[0])]) for f in args.flex_fractions]
+    out += [("sparse_dit", "sparse_density", "SparseDiT (density schedule / fixed grid)", sparse,
+             ["budget=sparse_density"]),
+            ("sparse_dit", "sparse_fixed", "SparseDiT (density schedule / fixed grid)", sparse, ["budget=static"])]
     return out
 
 
@@ -95,7 +96,7 @@ def main() -> int:
     sparse = args.sparse.resolve() if args.sparse else train(
         "sparse_dit", ["+experiment=mnist_sparse_dit", f"model.pretrained={teacher}"], run_dir, args.threads)
     plan = settings(args, teacher, flex, sparse)
-    for _, label, checkpoint, overrides in plan:
+    for _, label, _, checkpoint, overrides in plan:
         evaluate(args, run_dir, label, checkpoint, overrides)
 
     rows = read_table(run_dir / "results.csv")
@@ -107,14 +108,19 @@ def main() -> int:
     def label_of(row: dict) -> str:  # each setting's evaluations ran in its own sweep directory
         return Path(str(row["card"])).resolve().relative_to((run_dir / "evals").resolve()).parts[0]
 
+    series = {label: name for _, label, name, _, _ in plan}
+    for row in rows:
+        row["series"] = series.get(label_of(row), "")
+        if label_of(row) == "sparse_fixed":  # its budget is "static": say which grid
+            row["budget"] = "fixed grid"
     stats = {}
-    for _, label, _, _ in plan:
+    for _, label, _, _, _ in plan:
         (stats[label],) = seed_statistics([r for r in rows if label_of(r) == label],
                                           [metric, "mnist_accuracy", "seconds_per_image"])
     base = stats["teacher"]
     teacher_gmacs = float(base["gmacs_per_image"])
     by_label = {}
-    for family, label, _, _ in plan:
+    for family, label, _, _, _ in plan:
         entry = stats[label]
         verdict = None if family == "teacher" else compare(entry, base, metric, TOLERANCE)
         by_label[label] = {

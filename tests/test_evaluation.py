@@ -550,3 +550,31 @@ def test_checkpoints_with_one_file_name_get_distinct_labels():
     names = short_names(["/runs/a/pretrain/checkpoints/final.ckpt", "/runs/a/flex/checkpoints/final.ckpt", "b.pt"])
     assert names == {"/runs/a/pretrain/checkpoints/final.ckpt": "pretrain/checkpoints/final.ckpt",
                      "/runs/a/flex/checkpoints/final.ckpt": "flex/checkpoints/final.ckpt", "b.pt": "b.pt"}
+
+
+def test_named_series_give_the_plot_one_line_each_with_their_name(tmp_path, monkeypatch):
+    """A comparison of methods (benchmarks/mnist_methods.py) names its lines; without a name a line is its
+    checkpoint / preset / schedule order."""
+    from matplotlib.figure import Figure
+
+    from flexdit_train.evaluation.report import plot_fid_vs_compute
+
+    def row(checkpoint, budget, fraction, order, seed, fid, series=""):
+        return {"checkpoint": checkpoint, "budget": budget, "preset": "mnist", "sampling_steps": "ddim20",
+                "cfg_scale": 1.5, "seed": seed, "compute_fraction": fraction, "order": order, "fid1k": fid,
+                "series": series}
+
+    rows = [row("a.ckpt", "static", 1.0, "static", s, 6.0 + s, "teacher") for s in (0, 1)]
+    rows += [row("b.ckpt", "sparse_density", 0.6, "static", s, 30.0 + s, "SparseDiT") for s in (0, 1)]
+    rows += [row("b.ckpt", "fixed grid", 0.58, "static", s, 47.0 + s, "SparseDiT") for s in (0, 1)]
+    rows += [row("c.ckpt", "target_0.6", 0.6, "weak_first", s, 6.5 + s) for s in (0, 1)]
+    legends, lines = [], []
+
+    def capture(fig, *args, **kwargs):
+        legends.extend(text.get_text() for text in fig.axes[0].get_legend().get_texts())
+        lines.extend(len(line.get_xdata()) for line in fig.axes[0].get_lines() if line.get_marker() == "o")
+
+    monkeypatch.setattr(Figure, "savefig", capture)
+    plot_fid_vs_compute(rows, tmp_path / "plot.png", reference=("teacher", 6.5))
+    assert legends == ["teacher 6.5 +-5%", "SparseDiT (fid1k)", "c.ckpt / mnist / weak-first (fid1k)", "teacher (fid1k)"]
+    assert sorted(lines) == [1, 1, 2]  # the SparseDiT's two settings form one line; the others are single points

@@ -155,7 +155,7 @@ def seed_statistics(rows: list[Mapping], metrics: list[str]) -> list[dict]:
     for members in groups.values():
         first = members[0]
         entry = {k: first.get(k, "") for k in (*SETTING_COLUMNS, "order", "compute_fraction", "gmacs_per_image",
-                                                "num_samples")}
+                                                "num_samples", "series")}
         entry["seeds"] = sorted(int(r["seed"]) for r in members if isinstance(r.get("seed"), int))
         entry["n_seeds"] = len(members)
         for metric in metrics:
@@ -173,8 +173,9 @@ def seed_statistics(rows: list[Mapping], metrics: list[str]) -> list[dict]:
 def plot_fid_vs_compute(rows: list[Mapping], path: str | os.PathLike, reference: tuple[str, float] | None = None,
                         tolerance: float = 0.05, title: str | None = None) -> Path | None:
     """FID against compute (% of static FLOPs), one line per (checkpoint, preset, sampling steps, schedule
-    order, FID-n); seeds of one setting are averaged, their standard deviation drawn as error bars. A
-    checkpoint's static (100%) point starts each of its lines. ``reference`` (label, FID) draws that FID with
+    order, FID-n), or per ``series`` where rows name one (a comparison of methods); seeds of one setting are
+    averaged, their standard deviation drawn as error bars. A checkpoint's static (100%) point starts each of
+    its lines. ``reference`` (label, FID) draws that FID with
     a +-``tolerance`` band. None without FIDs."""
     import matplotlib
 
@@ -189,8 +190,9 @@ def plot_fid_vs_compute(rows: list[Mapping], path: str | os.PathLike, reference:
         for column in fid_columns:
             if column not in entry:
                 continue
-            base = (checkpoint_names[str(entry["checkpoint"])], str(entry["preset"]), str(entry["sampling_steps"]),
-                    column)
+            series_name = str(entry.get("series") or "")
+            base = (series_name or checkpoint_names[str(entry["checkpoint"])], "" if series_name else str(entry["preset"]),
+                    str(entry["sampling_steps"]), column)
             point = (100 * float(entry["compute_fraction"]), entry[column], entry[f"{column}_std"],
                      str(entry["budget"]))
             order = str(entry.get("order") or "")
@@ -214,8 +216,10 @@ def plot_fid_vs_compute(rows: list[Mapping], path: str | os.PathLike, reference:
     for (checkpoint, preset, steps, fid_name, order), points in sorted(series.items()):
         points.sort()
         xs, ys, errs, names = zip(*points)
-        label = f"{checkpoint} / {preset}" + (f" / {steps}" if steps_differ else "")
-        label += (f" / {order.replace('_', '-')}" if order else "") + f" ({fid_name})"
+        label = checkpoint + (f" / {preset}" if preset else "") + (f" / {steps}" if steps_differ else "")
+        if preset:  # a named series (preset "") says its schedule in its name
+            label += f" / {order.replace('_', '-')}" if order else ""
+        label += f" ({fid_name})"
         ax.errorbar(xs, ys, yerr=errs, marker="o", ms=4, capsize=3, label=label)
         for x, y, _, name in points:
             ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
