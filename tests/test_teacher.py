@@ -49,7 +49,8 @@ def test_lora_flexify_of_the_teacher_keeps_its_native_path_bit_for_bit():
 
 def test_the_mnist_flexify_experiments_start_from_the_shipped_teacher():
     with initialize_config_dir(version_base="1.3", config_dir=flexdit_train.CONF_DIR):
-        for experiment in ("mnist_flex_lora", "mnist_flex_lora_high_noise", "mnist_flex", "mnist_control"):
+        for experiment in ("mnist_flex_lora", "mnist_flex_lora_high_noise", "mnist_flex", "mnist_flex_high_noise",
+                           "mnist_control"):
             cfg = compose("train", overrides=[f"+experiment={experiment}"])
             assert Path(cfg.model.pretrained) == TEACHER
             assert cfg.objective.diffusion.prediction == "v"  # the teacher's process
@@ -59,6 +60,11 @@ def test_the_mnist_flexify_experiments_start_from_the_shipped_teacher():
         assert high.objective.timestep_ranges == {8: [0.3, 1.0]} and high.objective.ema_decay == 0.99
         assert high.trainer.max_steps == base.trainer.max_steps and high.flex == base.flex
         assert high.objective.optimizer == base.objective.optimizer
+        shared, shared_high = (compose("train", overrides=[f"+experiment={e}"])
+                               for e in ("mnist_flex", "mnist_flex_high_noise"))
+        assert shared_high.objective.timestep_ranges == {8: [0.3, 1.0]} and shared.objective.timestep_ranges is None
+        assert shared_high.objective.ema_decay == shared.objective.ema_decay and shared_high.flex == shared.flex
+        assert shared_high.trainer.max_steps == shared.trainer.max_steps
         demo = compose("demo")
         assert Path(demo.teacher) == TEACHER
 
