@@ -110,12 +110,13 @@ def main() -> int:
 
     series = {label: name for _, label, name, _, _ in plan}
     for row in rows:
-        row["series"] = series.get(label_of(row), "")
-        if label_of(row) == "sparse_fixed":  # its budget is "static": say which grid
+        row["setting"] = label_of(row)
+        row["series"] = series.get(row["setting"], "")
+        if row["setting"] == "sparse_fixed":  # its budget is "static": say which grid
             row["budget"] = "fixed grid"
     stats = {}
     for _, label, _, _, _ in plan:
-        (stats[label],) = seed_statistics([r for r in rows if label_of(r) == label],
+        (stats[label],) = seed_statistics([r for r in rows if r["setting"] == label],
                                           [metric, "mnist_accuracy", "seconds_per_image"])
     base = stats["teacher"]
     teacher_gmacs = float(base["gmacs_per_image"])

@@ -355,6 +355,8 @@ def test_masking_objective_draws_the_position_mask_into_its_masked_forward_only(
         ({"position_mask": {"block": 6, "ratio": [0.15, 0.25]}}, "needs a block 1..5"),
         ({"position_mask": {"block": 5, "ratio": [0.25, 0.15]}}, "needs lo <= hi"),
         ({"position_mask": {"block": 5}}, "needs the keys block and ratio"),
+        ({"position_mask": {"block": 5, "ratio": 0.2}}, "needs the keys block and ratio"),
+        ({"position_mask": {"block": 4.5, "ratio": [0.15, 0.25]}}, "needs a block 1..5"),
     ):
         with pytest.raises(ValueError, match=match) as err:
             EDTMaskingModule(model, diffusion, optimizer, **{"token_mask_ratios": [[0.4, 0.5], [0.1, 0.2]], **kwargs})

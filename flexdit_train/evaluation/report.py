@@ -175,8 +175,7 @@ def plot_fid_vs_compute(rows: list[Mapping], path: str | os.PathLike, reference:
     """FID against compute (% of static FLOPs), one line per (checkpoint, preset, sampling steps, schedule
     order, FID-n), or per ``series`` where rows name one (a comparison of methods); seeds of one setting are
     averaged, their standard deviation drawn as error bars. A checkpoint's static (100%) point starts each of
-    its lines. ``reference`` (label, FID) draws that FID with
-    a +-``tolerance`` band. None without FIDs."""
+    its lines. ``reference`` (label, FID) draws that FID with a +-``tolerance`` band. None without FIDs."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on clusters

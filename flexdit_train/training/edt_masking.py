@@ -52,17 +52,18 @@ def check_position_mask(position_mask: Mapping[str, Any] | None, model: torch.nn
             "objective.position_mask belongs to the masked forward, which is off: set objective.token_mask_ratios "
             "(e.g. [[0.4, 0.5], [0.1, 0.2]]) or position_mask=null"
         )
-    if set(position_mask) != {"block", "ratio"} or len(position_mask["ratio"]) != 2:
+    ratio = position_mask.get("ratio")
+    if set(position_mask) != {"block", "ratio"} or not isinstance(ratio, Sequence) or len(ratio) != 2:
         raise ValueError(
-            f"objective.position_mask={dict(position_mask)} needs the keys block and ratio, e.g. "
+            f"objective.position_mask={dict(position_mask)} needs the keys block and ratio (a [lo, hi] range), e.g. "
             "{block: 5, ratio: [0.15, 0.25]}"
         )
-    block, (lo, hi) = int(position_mask["block"]), (float(v) for v in position_mask["ratio"])
+    block, (lo, hi) = position_mask["block"], (float(v) for v in ratio)
     if not lo <= hi:
         raise ValueError(f"objective.position_mask.ratio=[{lo}, {hi}] needs lo <= hi, e.g. [0.15, 0.25]")
     model.check_position_mask((block, lo))
     model.check_position_mask((block, hi))
-    return block, (lo, hi)
+    return int(block), (lo, hi)
 
 
 def draw(lo: float, hi: float) -> float:

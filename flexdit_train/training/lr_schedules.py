@@ -2,9 +2,9 @@
 
 One schedule covers what the recipes need: a linear warmup, then either a constant LR (DiT's recipe), a
 cosine decay that ends with the run (a run that must end converged in a fixed number of steps) or a linear
-decay (EDT's recipe: 5e-4 down to 5e-5 over 400k steps). Chaining
-torch's ``LinearLR`` and ``CosineAnnealingLR`` through ``SequentialLR`` cannot be written as one Hydra
-node (every sub-scheduler needs the optimizer). The factor is a picklable object, so ``LambdaLR`` resumes
+decay (EDT's recipe: 5e-4 down to 5e-5 over 400k steps). Chaining torch's ``LinearLR`` and
+``CosineAnnealingLR`` through ``SequentialLR`` cannot be written as one Hydra node (every sub-scheduler needs
+the optimizer). The factor is a picklable object, so ``LambdaLR`` resumes
 from its step count.
 """
 
@@ -23,9 +23,8 @@ DECAYS = ("constant", "cosine", "linear")
 class WarmupDecay:
     """LR factor at step s: linear from ``start_factor`` to 1 over ``warmup_steps``; then 1 (``constant``) or
     a cosine (``cosine``) or a straight line (``linear``) from 1 down to ``final_factor`` at ``total_steps``,
-    constant afterwards: a run
-    continued past its schedule keeps the final LR instead of restarting the cycle. A run shorter than its
-    warmup (a smoke test) only warms up."""
+    constant afterwards: a run continued past its schedule keeps the final LR instead of restarting the cycle.
+    A run shorter than its warmup (a smoke test) only warms up."""
 
     warmup_steps: int = 0
     decay: str = "constant"
