@@ -160,6 +160,34 @@ def test_priced_macs_match_a_counted_cached_run():
         assert sampler.schedule.compute_fraction(sampler.cost) < 0.85 * uncached.schedule.compute_fraction(uncached.cost)
 
 
+def test_heun_schedules_price_every_evaluation_against_a_counted_run():
+    """Heun's 2K - 1 evaluations (the corrector at the next grid point's patch and block plan) are what the
+    schedule prices and what a compute target solves for, with and without caching."""
+    model = tiny(depth=4, flex=True)
+    model.diffusion_process = {"kind": "flow", "interpolant": "linear", "prediction": "velocity"}
+    for budget, cache in (({"mode": "powerful_steps", "powerful_steps": 3}, None),
+                          ({"mode": "powerful_steps", "powerful_steps": 3}, {"policy": "fora", "interval": 2}),
+                          ({"mode": "static"}, {"policy": "taylorseer", "interval": 2, "order": 1})):
+        sampler = Sampler.for_model(model, budget, "heun6", cfg=3.0, cache=cache)
+        schedule = sampler.schedule
+        assert schedule.step_evaluations == (1, 2, 2, 2, 2, 2)
+        assert sum(schedule.nfe()["cond"].values()) == sum(schedule.nfe()["guidance"].values()) == 11
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            sample(sampler, n=3)
+        assert counter.get_total_flops() == pytest.approx(2 * 3 * schedule.macs(sampler.cost), rel=0.02), (budget, cache)
+        assert BudgetSchedule.from_dict(schedule.to_dict()) == schedule
+    weak_first = Sampler.for_model(model, {"mode": "powerful_steps", "powerful_steps": 3}, "heun6", cfg=1.0).schedule
+    cost = Sampler.for_model(model, {"mode": "static"}, "heun6", cfg=1.0).cost
+    r = cost(4) / cost(2)
+    # weak steps 0..2 make 1 + 2 + 2 evaluations, native steps 3..5 make 6, of 11 in the static run
+    assert weak_first.compute_fraction(cost) == pytest.approx((5 * r + 6) / 11)
+    assert weak_first.powerful_steps() == {"cond": 3}
+    target = Sampler.for_model(model, {"mode": "target", "compute_fraction": (5 * r + 6) / 11}, "heun6", cfg=1.0)
+    assert target.schedule.cond_patch_sizes == weak_first.cond_patch_sizes
+    euler = Sampler.for_model(model, {"mode": "powerful_steps", "powerful_steps": 3}, "euler6", cfg=1.0).schedule
+    assert euler.evaluations is None and euler.compute_fraction(cost) == pytest.approx((3 * r + 3) / 6)
+
+
 def test_cache_presets_compose_with_budgets_and_name_the_schedule():
     with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
         cfg = compose("sample", overrides=["checkpoint=x", "cache=taylorseer_o2_n5", "budget=target",

@@ -106,6 +106,14 @@ class FlowMatching:
 
     # ------------------------------------------------------------------------------ schedule
     @property
+    def evaluations_per_step(self) -> tuple[int, ...] | None:
+        """Network evaluations of each of the K steps with the default sampler, in step order (None: one each).
+        Heun: 1 at the first step, 2 after it (the corrector of step i - 1 evaluates at grid point i), so 2K - 1."""
+        if self.default_sample_method != "heun" or self.num_steps == 1:
+            return None
+        return (1,) + (2,) * (self.num_steps - 1)
+
+    @property
     def timestep_map(self) -> torch.Tensor:
         """(K,) float32 network times of the K sampling steps, ascending (the last one is the noisiest)."""
         return self._network_times[: self.num_steps].flip(0)
@@ -228,7 +236,7 @@ class FlowMatching:
 
         ``model(x, t, **cond)`` gets the network times of :attr:`timestep_map`, one per grid point, so a
         :class:`~flexdit_train.sampling.guidance.ScheduledDenoiser` picks each step's patch sizes and guidance.
-        Budget schedules and sampling cards count one evaluation per grid point, which Heun's 2K - 1 exceed.
+        Budget schedules count Heun's 2K - 1 evaluations through :attr:`evaluations_per_step`.
         """
         method = method or self.default_sample_method
         if method not in FLOW_SAMPLE_METHODS:

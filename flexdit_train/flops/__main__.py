@@ -173,7 +173,7 @@ def schedule_report(args: argparse.Namespace) -> dict[str, Any]:
     for p in (native, weak):
         check_patch_divides(latent_hw, p)
     schedule = _schedule(args, native, weak, cost)
-    nfe = schedule.nfe()
+    nfe, powerful = schedule.nfe(), schedule.powerful_steps()
     macs, reference = schedule.macs(cost), schedule.reference_macs(cost)
     return {
         "model": args.model,
@@ -184,8 +184,8 @@ def schedule_report(args: argparse.Namespace) -> dict[str, Any]:
         "steps": schedule.num_steps,
         "cfg": schedule.cfg,
         "schedule": schedule.name,
-        "powerful_steps": nfe["cond"].get(native, 0),
-        "powerful_steps_guidance": nfe["guidance"].get(native, 0) if schedule.cfg else None,
+        "powerful_steps": powerful["cond"],
+        "powerful_steps_guidance": powerful.get("guidance"),
         "nfe": {branch: {str(p): n for p, n in counts.items()} for branch, counts in nfe.items()},
         "weak_cost_ratio": round(cost(weak) / cost(native), 6),
         "gmacs_per_image": round(macs / 1e9, 3),

@@ -186,7 +186,8 @@ class Sampler:
         """The sampler of ``model`` under a ``budget`` node (conf/budget/), ``steps`` (a DDPM respacing string:
         "250", "ddim50"; a flow sampler: "euler50", "heun25", "sde100"), CFG scale ``cfg`` and ``vae`` (a decoder
         from :func:`latent_decoder`, or None). The budget schedule has one entry per step (per grid point of a
-        flow sampler: Heun's corrector runs at the next grid point's patch size).
+        flow sampler: Heun's corrector runs at the next grid point's patch size, and the schedule counts its
+        2K - 1 evaluations).
 
         The weak patch is the budget's own ``weak_patch``, else ``weak_patch_size``, else the model's
         cheapest patch. ``lora_merged`` says the LoRA adapters will be merged for the weak steps, which
@@ -205,6 +206,7 @@ class Sampler:
         schedule = build_schedule(
             budget, len(diffusion.timestep_map), native, weak if weak != native else None, cost,
             cfg=cfg_scale != 1.0, available_patch_sizes=tuple(model.patch_sizes),
+            evaluations=getattr(diffusion, "evaluations_per_step", None),
         )
         policy = CachePolicy.from_config(cache)
         if schedule.block_plan is not None and policy.policy != "none":

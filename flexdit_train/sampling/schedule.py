@@ -77,6 +77,8 @@ class BudgetSchedule:
     per block (:mod:`flexdit_train.sampling.cache`); ``cache`` names its policy ("fora", ...; "none").
     ``sparse_grids`` (None: the model's own) is a SparseDiT's sparse grid side per step, for both branches; its
     compute fraction then divides by the dense DiT the SparseDiT was converted from (``CostModel.reference``).
+    ``evaluations`` (None: one each) is the number of network evaluations of each step, at its patch sizes and
+    block plan (Heun: 1, 2, ..., 2, its corrector evaluating at the next grid point).
     """
 
     cond_patch_sizes: tuple[Patch, ...]
@@ -86,6 +88,7 @@ class BudgetSchedule:
     block_plan: tuple[str, ...] | None = None
     cache: str = "none"
     sparse_grids: tuple[int, ...] | None = None
+    evaluations: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         # Accept lists (YAML, JSON) but store tuples so the schedule stays hashable and immutable.
@@ -115,6 +118,14 @@ class BudgetSchedule:
             if self.block_plan is not None:
                 raise ValueError("a sparse-grid schedule (SparseDiT) cannot cache blocks; drop the cache or the sparse grids")
             object.__setattr__(self, "sparse_grids", grids)
+        if self.evaluations is not None:
+            counts = tuple(int(n) for n in self.evaluations)
+            if len(counts) != len(cond) or min(counts) < 1:
+                raise ValueError(
+                    f"evaluations has {len(counts)} entries (smallest {min(counts, default=0)}) for {len(cond)} steps; "
+                    "give one positive count of network evaluations per sampling step"
+                )
+            object.__setattr__(self, "evaluations", None if set(counts) == {1} else counts)
 
     @property
     def num_steps(self) -> int:
@@ -134,36 +145,50 @@ class BudgetSchedule:
         guidance = None if self.guidance_patch_sizes is None else self.guidance_patch_sizes[step]
         return self.cond_patch_sizes[step], guidance
 
+    @property
+    def step_evaluations(self) -> tuple[int, ...]:
+        """Network evaluations of each step (1 each unless the sampler evaluates more often, as Heun)."""
+        return self.evaluations or (1,) * self.num_steps
+
     def nfe(self) -> dict[str, dict[Patch, int]]:
-        """Evaluations per branch and patch size: ``{"cond": {2: 130, 4: 120}, "guidance": {...}}``."""
-        counts = {"cond": _counts(self.cond_patch_sizes)}
+        """Network evaluations per branch and patch size: ``{"cond": {2: 130, 4: 120}, "guidance": {...}}``."""
+        counts = {"cond": _counts(self.cond_patch_sizes, self.step_evaluations)}
         if self.guidance_patch_sizes is not None:
-            counts["guidance"] = _counts(self.guidance_patch_sizes)
+            counts["guidance"] = _counts(self.guidance_patch_sizes, self.step_evaluations)
         return counts
 
+    def powerful_steps(self) -> dict[str, int]:
+        """Sampling steps (not evaluations) at the native patch per branch: the paper's x / y."""
+        return {branch: sum(p == self.native_patch for p in sizes)
+                for branch, sizes in (("cond", self.cond_patch_sizes), ("guidance", self.guidance_patch_sizes))
+                if sizes is not None}
+
     def macs(self, cost: Cost) -> float:
-        """MACs to sample one image (or video): every step's forward, both branches with CFG. With a block plan
-        a reused block costs nothing and a forecast of order o its o + 1 multiply-adds per feature, which the
+        """MACs to sample one image (or video): every evaluation's forward, both branches with CFG. With a block
+        plan a reused block costs nothing and a forecast of order o its o + 1 multiply-adds per feature, which the
         cost prices (:meth:`flexdit_train.flops.CostModel.block_macs`, ``forecast_macs``)."""
+        branches = [b for b in (self.cond_patch_sizes, self.guidance_patch_sizes) if b is not None]
+        evaluations = self.step_evaluations
         if self.sparse_grids is not None:
-            branches = [b for b in (self.cond_patch_sizes, self.guidance_patch_sizes) if b is not None]
-            return sum(cost(p, sparse_grid=g) for branch in branches for p, g in zip(branch, self.sparse_grids, strict=True))
+            return sum(n * cost(p, sparse_grid=g) for branch in branches
+                       for p, g, n in zip(branch, self.sparse_grids, evaluations, strict=True))
         if self.block_plan is None:
             return sum(n * cost(p) for branch in self.nfe().values() for p, n in branch.items())
         if not hasattr(cost, "block_macs"):
             raise ValueError("pricing a block plan needs a cost model with per-block MACs (flexdit_train.flops.CostModel)")
         total = 0.0
-        for branch in (self.cond_patch_sizes, self.guidance_patch_sizes):
-            for p, actions in zip(branch or (), self.block_plan):
+        for branch in branches:
+            for p, actions, n in zip(branch, self.block_plan, evaluations, strict=True):
                 skipped = [c for c in actions if c != COMPUTE]
-                total += cost(p) - len(skipped) * cost.block_macs(p) + sum(cost.forecast_macs(p, int(c)) for c in skipped)
+                step = cost(p) - len(skipped) * cost.block_macs(p) + sum(cost.forecast_macs(p, int(c)) for c in skipped)
+                total += n * step
         return total
 
     def reference_macs(self, cost: Cost) -> float:
-        """MACs of the static run: the native patch for every step of every branch, at full density (a SparseDiT's
-        reference is its dense DiT: ``cost.reference``)."""
+        """MACs of the static run with the same sampler: the native patch for every evaluation of every branch, at
+        full density (a SparseDiT's reference is its dense DiT: ``cost.reference``)."""
         branches = 2 if self.cfg else 1
-        return branches * self.num_steps * getattr(cost, "reference", cost)(self.native_patch)
+        return branches * sum(self.step_evaluations) * getattr(cost, "reference", cost)(self.native_patch)
 
     def compute_fraction(self, cost: Cost) -> float:
         """Schedule FLOPs / FLOPs of the static native-patch run (the paper's "% FLOPs")."""
@@ -189,6 +214,7 @@ class BudgetSchedule:
             "cache": self.cache,
             "block_plan": None if self.block_plan is None else list(self.block_plan),
             "sparse_grids": None if self.sparse_grids is None else list(self.sparse_grids),
+            "evaluations": None if self.evaluations is None else list(self.evaluations),
         }
 
     @classmethod
@@ -207,6 +233,7 @@ class BudgetSchedule:
             block_plan=data.get("block_plan"),
             cache=data.get("cache", "none"),
             sparse_grids=data.get("sparse_grids"),
+            evaluations=data.get("evaluations"),
         )
 
     @property
@@ -235,6 +262,8 @@ class BudgetSchedule:
             cache = f"; {self.cache} cache: {full} of {self.num_steps} steps compute every block"
         if self.sparse_grids is not None:
             cache += "; sparse grid " + _runs(self.sparse_grids, "s")
+        if self.evaluations is not None:
+            cache += f"; {sum(self.evaluations)} network evaluations per branch"
         return (
             f"{self.name}: {self.num_steps} steps, native {_patch_name(self.native_patch)}; "
             f"cond {_runs(self.cond_patch_sizes)}; guidance {guidance}{cache}"
@@ -281,8 +310,11 @@ def _optional_list(sizes: tuple[Patch, ...] | None) -> list | None:
     return None if sizes is None else [_plain(p) for p in sizes]
 
 
-def _counts(sizes: tuple[Patch, ...]) -> dict[Patch, int]:
-    return dict(sorted(Counter(sizes).items()))
+def _counts(sizes: tuple[Patch, ...], evaluations: tuple[int, ...]) -> dict[Patch, int]:
+    counts: Counter = Counter()
+    for p, n in zip(sizes, evaluations, strict=True):
+        counts[p] += n
+    return dict(sorted(counts.items()))
 
 
 def _runs(sizes: tuple[Patch, ...], prefix: str = "") -> str:
@@ -353,6 +385,7 @@ def for_target(
     at_most: bool = False,
     cache: CachePolicy | None = None,
     depth: int = 0,
+    evaluations: tuple[int, ...] | None = None,
 ) -> BudgetSchedule:
     """Weak-first schedule x/x with the FEWEST powerful steps whose compute fraction reaches the target.
 
@@ -362,7 +395,8 @@ def for_target(
     (fraction in ``(target - (1 - r) / T, target]``): what a claim "at <= 60% compute" must sample with.
     Both branches get the same x, as in the paper's 130/130 and 70/70 schedules. ``weak_first=False``
     gives the weak-last ablation with the same x, hence exactly the same compute. ``cache`` adds its block
-    plan over ``depth`` blocks to every candidate, so the fraction counts the caching too.
+    plan over ``depth`` blocks to every candidate, so the fraction counts the caching too, and ``evaluations``
+    (per step, :class:`BudgetSchedule`) counts a sampler's extra evaluations (Heun's).
     """
     num_steps = _check_steps(num_steps)
     if not 0.0 < compute_fraction <= 1.0:
@@ -377,9 +411,9 @@ def for_target(
         )
 
     def schedule(x: int) -> BudgetSchedule:
-        patches = _two_patch(
+        patches = dataclasses.replace(_two_patch(
             num_steps, native_patch, weak_patch, x, None, cfg, weak_first, name or f"target {compute_fraction:g}"
-        )
+        ), evaluations=evaluations)
         return patches if cache is None else patches.with_cache(cache, depth)
 
     floor = schedule(0).compute_fraction(cost)
@@ -416,6 +450,7 @@ def for_target_with_cache(
     name: str | None = None,
     weak_first: bool = True,
     at_most: bool = False,
+    evaluations: tuple[int, ...] | None = None,
 ) -> BudgetSchedule:
     """A compute target over both axes: the LEAST caching that can reach it, then the patch schedule.
 
@@ -430,8 +465,8 @@ def for_target_with_cache(
         raise ValueError(f"budget.max_interval={max_interval!r} must be a positive int")
     name = name or f"target {compute_fraction:g}"
     if weak_patch is None:
-        candidates = [static(num_steps, native_patch, cfg, name).with_cache(dataclasses.replace(policy, interval=n), depth)
-                      for n in range(1, int(max_interval) + 1)]
+        base = dataclasses.replace(static(num_steps, native_patch, cfg, name), evaluations=evaluations)
+        candidates = [base.with_cache(dataclasses.replace(policy, interval=n), depth) for n in range(1, int(max_interval) + 1)]
         fractions = [c.compute_fraction(cost) for c in candidates]  # falling with the interval
         if compute_fraction < fractions[-1] - _FRACTION_TOL or compute_fraction > 1.0:
             raise ValueError(f"compute fraction {compute_fraction:.4f} is out of reach of {policy.policy} caching with "
@@ -445,7 +480,7 @@ def for_target_with_cache(
     for n in range(1, int(max_interval) + 1):
         try:
             return for_target(compute_fraction, num_steps, native_patch, weak_patch, cost, cfg, name, weak_first,
-                              at_most, dataclasses.replace(policy, interval=n), depth)
+                              at_most, dataclasses.replace(policy, interval=n), depth, evaluations)
         except ValueError as err:  # below what this interval reaches: cache more
             last_error = err
     raise ValueError(f"{last_error} (with {policy.policy} caching up to interval {max_interval}); raise "
@@ -574,6 +609,7 @@ def build_schedule(
     cost: Cost | None,
     cfg: bool = True,
     available_patch_sizes: Collection[Patch] | None = None,
+    evaluations: tuple[int, ...] | None = None,
 ) -> BudgetSchedule:
     """Schedule for a `budget` config node (conf/budget/*.yaml) and a sampler with ``num_steps`` steps.
 
@@ -587,6 +623,8 @@ def build_schedule(
     per step, :class:`SparseDensity`; ``min_grid``/``max_grid`` null take the model's range). A missing guidance
     parameter means "same as the conditional one"; guidance parameters are ignored without CFG. ``weak_patch`` in the node (e.g. [2, 2, 2], a video DiT's weak
     temporal patch) replaces the sampler's weak patch, so a preset can pick one of several weak modes.
+    ``evaluations`` is the sampler's network evaluations per step (None: one; Heun: 1, 2, ..., 2), counted in the
+    schedule's compute and in what a target solves for.
     """
     node = dict(budget_cfg)
     mode = node.pop("mode", None)
@@ -607,7 +645,7 @@ def build_schedule(
                                          node.get("hold_fraction"))
         schedule = sparse_density(num_steps, native_patch, density, cfg, name)
     elif mode == "target" and node.get("cache_policy") not in (None, "none"):
-        schedule = _target_with_cache(node, num_steps, native_patch, weak_patch, cost, cfg, name)
+        schedule = _target_with_cache(node, num_steps, native_patch, weak_patch, cost, cfg, name, evaluations)
     else:
         if weak_patch is None:
             raise ValueError(
@@ -625,7 +663,7 @@ def build_schedule(
                 if not isinstance(value, bool):
                     raise ValueError(f"budget.{key} must be true or false, got {value!r}")
             schedule = for_target(fraction, num_steps, native_patch, weak_patch, cost, cfg, name, weak_first,
-                                  at_most)
+                                  at_most, evaluations=evaluations)
         elif mode == "powerful_steps":
             x = _required(node, "powerful_steps", mode)
             schedule = from_powerful_steps(
@@ -638,13 +676,14 @@ def build_schedule(
             layout = weak_last if mode == "weak_last" else from_powerful_steps
             schedule = layout(num_steps, native_patch, weak_patch, x, y, cfg, name)
 
+    schedule = dataclasses.replace(schedule, evaluations=evaluations)
     if available_patch_sizes is not None:
         schedule.validate(available_patch_sizes)
     return schedule
 
 
 def _target_with_cache(node: Mapping[str, Any], num_steps: int, native_patch: Patch, weak_patch: Patch | None,
-                       cost: Cost | None, cfg: bool, name: str) -> BudgetSchedule:
+                       cost: Cost | None, cfg: bool, name: str, evaluations: tuple[int, ...] | None) -> BudgetSchedule:
     """budget.mode=target with budget.cache_policy: :func:`for_target_with_cache` on the cost's depth."""
     depth = getattr(cost, "config", {}).get("depth")
     if depth is None:
@@ -652,7 +691,7 @@ def _target_with_cache(node: Mapping[str, Any], num_steps: int, native_patch: Pa
     policy = CachePolicy(node["cache_policy"], order=node.get("cache_order", 1))
     return for_target_with_cache(
         _required(node, "compute_fraction", "target"), num_steps, native_patch, weak_patch, cost, policy, depth,
-        node.get("max_interval", 5), cfg, name, node.get("weak_first", True), node.get("at_most", False),
+        node.get("max_interval", 5), cfg, name, node.get("weak_first", True), node.get("at_most", False), evaluations,
     )
 
 
