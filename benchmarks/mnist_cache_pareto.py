@@ -3,6 +3,7 @@
     python benchmarks/mnist_cache_pareto.py [--run-name NAME] [--num-samples 1000] [--seeds 0 1 2]
         [--steps ddim20] [--patch-fractions 0.6 0.45 0.35] [--caches fora_n2 fora_n3 taylorseer_o1_n3]
         [--combined 0.6:fora_n2 0.45:fora_n2 0.6:taylorseer_o1_n3] [--flex CHECKPOINT] [--json out.json]
+        [--process flow]
 
 From the shipped teacher (a DDPM-trained static DiT, ``--teacher`` for another) it LoRA-flexifies a flexible
 model with ``make train``'s recipe (``+experiment=mnist_flex_lora trainer.max_steps=800
@@ -13,6 +14,9 @@ digits, MNIST-classifier FID, ``--seeds``):
 - **patch only**: the flexible model at each ``--patch-fractions`` (weak steps first, at most the fraction);
 - **cache only**: the teacher with each ``--caches`` preset (conf/cache/);
 - **combined**: the flexible model at ``FRACTION:CACHE`` (the patch schedule of the fraction, then the cache).
+
+``--process flow`` does the same from the shipped flow-matching teacher (``mnist_flow_teacher.safetensors``) with its
+LoRA recipe (``+experiment=mnist_flow_flex_lora``) and Euler-20 sampling.
 
 It prints a table (compute fraction, FID mean +- std, label accuracy, seconds per image) with each setting's
 Pareto status, and for every combined setting the best patch-only and cache-only FID at no more compute, and
@@ -29,7 +33,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mnist_flex_repro import ROOT, train  # noqa: E402  (the benchmarks directory is not a package)
+from mnist_flex_repro import ROOT, TEACHERS, train  # noqa: E402  (the benchmarks directory is not a package)
 
 from flexdit_train.demo import run_stage  # noqa: E402
 from flexdit_train.evaluation.report import (  # noqa: E402
@@ -40,7 +44,9 @@ from flexdit_train.evaluation.report import (  # noqa: E402
 )
 from flexdit_train.runtime.resolvers import asset_path  # noqa: E402
 
-LORA_RECIPE = ["+experiment=mnist_flex_lora", "trainer.max_steps=800", "objective.ema_decay=0.99"]
+LORA_RECIPES = {"ddpm": ["+experiment=mnist_flex_lora", "trainer.max_steps=800", "objective.ema_decay=0.99"],
+                "flow": ["+experiment=mnist_flow_flex_lora"]}
+DEFAULT_STEPS = {"ddpm": "ddim20", "flow": "euler20"}
 
 
 def evaluate(args: argparse.Namespace, run_dir: Path, label: str, checkpoint: Path, overrides: list[str]) -> None:
@@ -68,11 +74,13 @@ def family(order: str) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-name", default="default")
-    parser.add_argument("--teacher", type=Path, default=Path(asset_path("mnist_dit_teacher.safetensors")))
+    parser.add_argument("--process", choices=sorted(LORA_RECIPES), default="ddpm",
+                        help="the teacher's process: picks the default teacher, LoRA recipe and sampler")
+    parser.add_argument("--teacher", type=Path, default=None, help="default: the shipped teacher of --process")
     parser.add_argument("--flex", type=Path, default=None, help="a flexible checkpoint instead of training one")
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", default="ddim20")
+    parser.add_argument("--steps", default=None, help="default: ddim20, flow: euler20")
     parser.add_argument("--patch-fractions", type=float, nargs="*", default=[0.6, 0.45, 0.35])
     parser.add_argument("--caches", nargs="*", default=["fora_n2", "fora_n3", "taylorseer_o1_n3"])
     parser.add_argument("--combined", nargs="*", default=["0.6:fora_n2", "0.45:fora_n2", "0.6:taylorseer_o1_n3"],
@@ -81,13 +89,15 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    args.steps = args.steps or DEFAULT_STEPS[args.process]
+    args.teacher = args.teacher or Path(asset_path(TEACHERS[args.process]))
 
     run_dir = ROOT / "outputs" / "mnist_cache_pareto" / args.run_name
     run_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     teacher = args.teacher.resolve()
-    flex = args.flex.resolve() if args.flex else train("lora", [*LORA_RECIPE, f"model.pretrained={teacher}"], run_dir,
-                                                       args.threads)
+    flex = args.flex.resolve() if args.flex else train("lora", [*LORA_RECIPES[args.process], f"model.pretrained={teacher}"],
+                                                       run_dir, args.threads)
 
     def target(fraction: float) -> list[str]:
         return ["budget=target", f"budget.compute_fraction={fraction}", "budget.at_most=true"]

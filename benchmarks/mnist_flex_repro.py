@@ -4,6 +4,7 @@
         [--seeds 0 1 2] [--fractions 1.0 0.8 0.7 0.6 0.5 0.4 0.3] [--weak-last-fractions F ...]
         [--ddpm-fractions 1.0 0.6]
         [--convergence] [--json results.json] [--lora ARGS...] [--shared ARGS...]
+        [--process flow --teacher FLOW_TEACHER]
 
 Starting from the shipped teacher (``flexdit_train/assets/mnist_dit_teacher.safetensors``, a converged
 static DiT; ``--teacher PATH`` for another), it trains with the commands a user types:
@@ -21,6 +22,11 @@ flexible model at every fraction with the weak steps first (the paper's schedule
 above the fraction) and, below 100%, with the same steps weak last; all with DDIM-50, and with DDPM-250
 (the paper's sampler) at ``--ddpm-fractions``. The real train digits scored the same way give the floor
 a perfect generator would reach.
+
+``--process flow`` measures the same claim on a flow-matching teacher (``+experiment=mnist_flow_pretrain``,
+shipped as ``assets/mnist_flow_teacher.safetensors``, the default teacher then): the LoRA mode trains
+``+experiment=mnist_flow_flex_lora``, the convergence check ``mnist_flow_pretrain``, every setting samples with
+Euler-50 (``--steps``), and there are no DDPM-250 rows. The shared mode and the control have no flow experiment.
 
 Verdicts (printed, in the JSON, and the exit code: 0 when claims 1 and 2 hold):
 
@@ -51,7 +57,14 @@ ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 0.05  # claims 1 and 3: within 5%
 CLAIM_FRACTION = 0.6  # claim 1 holds at this compute fraction or less
 CONVERGED = 0.03  # 50% more training improves the teacher's FID by less than this
-EXPERIMENTS = {"control": "mnist_control", "lora": "mnist_flex_lora", "shared": "mnist_flex"}
+# The experiment of each training per process (conf/experiment/); "teacher_x1.5" is the convergence check.
+EXPERIMENTS = {
+    "ddpm": {"control": "mnist_control", "lora": "mnist_flex_lora", "shared": "mnist_flex",
+             "teacher_x1.5": "mnist_pretrain"},
+    "flow": {"lora": "mnist_flow_flex_lora", "teacher_x1.5": "mnist_flow_pretrain"},
+}
+TEACHERS = {"ddpm": "mnist_dit_teacher.safetensors", "flow": "mnist_flow_teacher.safetensors"}
+DEFAULT_STEPS = {"ddpm": "ddim50", "flow": "euler50"}
 
 
 FLEX_ONLY = ("flex.", "objective.patch_size_weights", "objective.patch_size_loss_weights", "objective.timestep_ranges",
@@ -134,8 +147,8 @@ def stats_by(rows: list[dict], metric: str) -> dict[tuple, dict]:
 
 
 def verdicts(stats: dict, metric: str, ckpts: dict[str, Path], args: argparse.Namespace) -> dict:
-    """Claims 1-3 (DDIM-50) and the DDPM-250 comparisons, with every number behind them."""
-    def get(name: str, budget: str, steps: str = "ddim50"):
+    """Claims 1-3 (``--steps``, DDIM-50 by default) and the DDPM-250 comparisons, with every number behind them."""
+    def get(name: str, budget: str, steps: str = args.steps):
         if name == "lora" and budget == "target_1.0":  # not sampled: LoRA's native path is the teacher itself
             name, budget = "teacher", "static"
         return stats.get((str(ckpts[name]), budget, steps)) if name in ckpts else None
@@ -187,7 +200,10 @@ def verdicts(stats: dict, metric: str, ckpts: dict[str, Path], args: argparse.Na
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-name", default="default")
-    parser.add_argument("--teacher", type=Path, default=Path(asset_path("mnist_dit_teacher.safetensors")))
+    parser.add_argument("--process", choices=sorted(EXPERIMENTS), default="ddpm",
+                        help="the teacher's process: picks the experiments, the default teacher and sampler")
+    parser.add_argument("--teacher", type=Path, default=None, help="default: the shipped teacher of --process")
+    parser.add_argument("--steps", default=None, help="sampling steps of every row (default: ddim50, flow: euler50)")
     parser.add_argument("--modes", nargs="*", default=["lora", "shared"], choices=["lora", "shared"],
                         help="flexible modes to train and score (none: only the teacher, control and convergence rows)")
     parser.add_argument("--num-samples", type=int, default=2000, help="generated digits per setting and seed")
@@ -210,6 +226,15 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None, help="also write the verdicts and the table here")
     args = parser.parse_args()
+    experiments = EXPERIMENTS[args.process]
+    missing = sorted({*args.modes, *(["control"] if args.control else [])} - set(experiments))
+    if missing:
+        parser.error(f"--process {args.process} has no experiment for {missing}; pass --modes "
+                     f"{' '.join(m for m in args.modes if m in experiments) or 'lora'} and --no-control")
+    if args.process == "flow" and args.ddpm_fractions:
+        parser.error("a flow teacher has no DDPM-250 rows: pass --ddpm-fractions with no value")
+    args.steps = args.steps or DEFAULT_STEPS[args.process]
+    args.teacher = args.teacher or Path(asset_path(TEACHERS[args.process]))
 
     run_dir = ROOT / "outputs" / "mnist_flex_repro" / args.run_name
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -219,24 +244,25 @@ def main() -> int:
     ckpts: dict[str, Path] = {"teacher": teacher}
     pretrained = f"model.pretrained={teacher}"
     evaluate = Evaluator(args, run_dir)
-    evaluate("teacher", teacher, "ddim50")
-    for mode in args.modes:  # cheapest first: every flexible setting with DDIM-50
+    evaluate("teacher", teacher, args.steps)
+    for mode in args.modes:  # cheapest first: every flexible setting with --steps
         extra = args.lora if mode == "lora" else args.shared
-        ckpts[mode] = train(mode, [f"+experiment={EXPERIMENTS[mode]}", pretrained, *extra], run_dir, args.threads)
+        ckpts[mode] = train(mode, [f"+experiment={experiments[mode]}", pretrained, *extra], run_dir, args.threads)
         for f in args.fractions:
             if not (mode == "lora" and f == 1.0):  # LoRA's native path is the teacher, bit for bit: its row
-                evaluate(mode, ckpts[mode], "ddim50", f)
+                evaluate(mode, ckpts[mode], args.steps, f)
             if f < 1.0 and (args.weak_last_fractions is None or f in args.weak_last_fractions):
-                evaluate(mode, ckpts[mode], "ddim50", f, weak_last=True)
+                evaluate(mode, ckpts[mode], args.steps, f, weak_last=True)
     if args.control:
-        ckpts["control"] = train("control", ["+experiment=mnist_control", pretrained, *control_overrides(args.shared)], run_dir,
-                                 args.threads)
-        evaluate("control", ckpts["control"], "ddim50")
+        ckpts["control"] = train("control", [f"+experiment={experiments['control']}", pretrained,
+                                             *control_overrides(args.shared)], run_dir, args.threads)
+        evaluate("control", ckpts["control"], args.steps)
     if args.convergence or args.convergence_checkpoint:
         steps = int(card.get("steps", 12000) * 1.5)
         ckpts["teacher_x1.5"] = args.convergence_checkpoint.resolve() if args.convergence_checkpoint else train(
-            "teacher_x1.5", ["+experiment=mnist_pretrain", f"trainer.max_steps={steps}"], run_dir, args.threads)
-        evaluate("teacher_x1.5", ckpts["teacher_x1.5"], "ddim50")
+            "teacher_x1.5", [f"+experiment={experiments['teacher_x1.5']}", f"trainer.max_steps={steps}"], run_dir,
+            args.threads)
+        evaluate("teacher_x1.5", ckpts["teacher_x1.5"], args.steps)
     if args.ddpm_fractions:  # the paper's sampler, last: 5x the cost of DDIM-50
         evaluate("teacher", teacher, "250")
     for mode in args.modes:
@@ -253,16 +279,16 @@ def main() -> int:
               "data_floor": data_floor(args, Path.home() / ".cache" / "flexdit_train" / "eval"),
               **verdicts(stats, metric, ckpts, args)}
     if "teacher_x1.5" in ckpts:
-        long = stats[(str(ckpts["teacher_x1.5"]), "static", "ddim50")]
-        base = stats[(str(teacher), "static", "ddim50")]
+        long = stats[(str(ckpts["teacher_x1.5"]), "static", args.steps)]
+        base = stats[(str(teacher), "static", args.steps)]
         improvement = (base[metric] - long[metric]) / base[metric]
         result["convergence"] = {"teacher": base[metric], "teacher_std": base[f"{metric}_std"],
                                  "x1.5_steps": long[metric], "x1.5_steps_std": long[f"{metric}_std"],
                                  "improvement": improvement, "converged": improvement < CONVERGED}
     result["stats"] = [dict(e) for e in stats.values()]
-    ddim = [r for r in rows if str(r["sampling_steps"]) == "ddim50"]
-    plot_fid_vs_compute(ddim, run_dir / "fid_vs_compute.png", reference=(result["reference"], result["reference_fid"]),
-                        tolerance=TOLERANCE, title=f"{metric} vs val digits, DDIM-50, mean +- std over seeds {args.seeds}")
+    main_rows = [r for r in rows if str(r["sampling_steps"]) == args.steps]
+    plot_fid_vs_compute(main_rows, run_dir / "fid_vs_compute.png", reference=(result["reference"], result["reference_fid"]),
+                        tolerance=TOLERANCE, title=f"{metric} vs val digits, {args.steps}, mean +- std over seeds {args.seeds}")
     summary = {k: v for k, v in result.items() if k not in ("stats", "teacher_card")}
     print(json.dumps(summary, indent=2, default=str))
     if args.json is not None:
