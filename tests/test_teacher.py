@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 import flexdit_train
 from flexdit_train.models import flexify, from_pretrained
@@ -93,14 +94,13 @@ def test_the_mnist_flexify_experiments_start_from_the_shipped_teacher():
         # the flow demo: its teacher, the flow experiments, and flow samplers wherever the DDPM demo samples with DDIM
         flow_demo = compose("demo_flow")
         assert Path(flow_demo.teacher) == FLOW_TEACHER and flow_demo.pretrain == ["+experiment=mnist_flow_pretrain"]
-        assert flow_demo.flexify[0] == "+experiment=mnist_flow_flex_lora"
-        assert flow_demo.flexify[1:] == [o for o in demo.flexify[1:] if "ema_decay" not in o]  # 0.99 is the recipe's
-        for key in ("evaluate", "teacher_evaluate"):
-            flow_steps = [o for o in flow_demo[key] if o.startswith("eval.sampling_steps=")]
-            assert [o.replace("euler", "ddim") for o in flow_steps] == [o for o in demo[key] if o.startswith("eval.sampling_steps=")]
-            assert [o for o in flow_demo[key] if o not in flow_steps] == [o for o in demo[key] if "sampling_steps" not in o]
-        assert {k: v for k, v in flow_demo.items() if k not in ("teacher", "pretrain", "flexify", "evaluate", "teacher_evaluate")} \
-            == {k: v for k, v in demo.items() if k not in ("teacher", "pretrain", "flexify", "evaluate", "teacher_evaluate")}
+        assert flow_demo.flexify == ["+experiment=mnist_flow_flex_lora"]  # the full recipe: 800 steps were measured short
+        assert [o for o in flow_demo.evaluate if "sampling_steps" not in o] == [o for o in demo.evaluate if "sampling_steps" not in o]
+        assert "eval.sampling_steps=euler50" in flow_demo.evaluate and flow_demo.teacher_evaluate == ["eval.num_samples=2000"]
+        # unresolved: run_name is a timestamp, which two composes straddling a second boundary resolve differently
+        own = ("teacher", "pretrain", "flexify", "evaluate", "teacher_evaluate")
+        flow_rest, demo_rest = (OmegaConf.to_container(c, resolve=False) for c in (flow_demo, demo))
+        assert {k: v for k, v in flow_rest.items() if k not in own} == {k: v for k, v in demo_rest.items() if k not in own}
 
 
 def test_same_weights_tells_a_bit_identical_reproduction_from_a_different_one(tmp_path):
