@@ -211,8 +211,9 @@ def main() -> int:
     parser.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3])
     parser.add_argument("--weak-last-fractions", type=float, nargs="*", default=None,
                         help="fractions also sampled with the weak steps last (default: every fraction below 1.0)")
-    parser.add_argument("--ddpm-fractions", type=float, nargs="*", default=[1.0, 0.6],
-                        help="fractions also sampled with DDPM-250 (the teacher at 100%% always)")
+    parser.add_argument("--ddpm-fractions", type=float, nargs="*", default=None,
+                        help="fractions also sampled with DDPM-250 (the teacher at 100%% always; default 1.0 0.6, "
+                             "none for a flow teacher)")
     parser.add_argument("--convergence", action="store_true", help="also train the teacher recipe for 1.5x steps")
     parser.add_argument("--convergence-checkpoint", type=Path, default=None,
                         help="an already trained 1.5x-steps teacher run's final.ckpt, instead of training it here")
@@ -232,7 +233,9 @@ def main() -> int:
         parser.error(f"--process {args.process} has no experiment for {missing}; pass --modes "
                      f"{' '.join(m for m in args.modes if m in experiments) or 'lora'} and --no-control")
     if args.process == "flow" and args.ddpm_fractions:
-        parser.error("a flow teacher has no DDPM-250 rows: pass --ddpm-fractions with no value")
+        parser.error("a flow teacher has no DDPM-250 rows: drop --ddpm-fractions")
+    if args.ddpm_fractions is None:
+        args.ddpm_fractions = [1.0, 0.6] if args.process == "ddpm" else []
     args.steps = args.steps or DEFAULT_STEPS[args.process]
     args.teacher = args.teacher or Path(asset_path(TEACHERS[args.process]))
 
